@@ -1,0 +1,28 @@
+# Two commands on a fresh machine: `make demo` (the embedded default) and `make test`.
+# Each creates or updates .venv itself.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# CPU torch first, so nothing later pulls a multi-GB CUDA build.
+	$(PIP) install -q torch==2.13.0 'numpy<2'
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) bench/models.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
