@@ -6,9 +6,17 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv protos test demo bench clean
 
-venv: $(STAMP)
+venv: $(STAMP) protos
+
+PROTOS := $(shell find protos -name '*.proto')
+PROTO_OUT := $(patsubst protos/%.proto,shared/%_pb2.py,$(PROTOS))
+
+protos: $(PROTO_OUT)
+
+shared/%_pb2.py: protos/%.proto $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=shared --pyi_out=shared --grpc_python_out=shared $<
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

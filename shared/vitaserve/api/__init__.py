@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf code for the public API (from `protos/`, by `make protos`; never edited)."""
