@@ -83,7 +83,9 @@ def _check_pixel_count(width: int, height: int, max_pixels: int) -> None:
     if width < 1 or height < 1:
         raise InvalidInput(f"image has an empty size {width}x{height}")
     if width * height > max_pixels:
-        raise InvalidInput(f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
+        raise InvalidInput(
+            f"image is too large: {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+        )
 
 
 def _candidate_grids(min_num: int, max_num: int) -> list[tuple[int, int]]:

@@ -30,11 +30,12 @@ class InternVisionEmbeddings(nn.Module):
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.patch_size = cfg.patch_size
         self.grid = cfg.image_size // cfg.patch_size
         c = cfg.hidden_size
         self.class_embedding = nn.Parameter(torch.randn(1, 1, c))
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, c, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embedding = nn.Conv2d(
+            cfg.num_channels, c, kernel_size=cfg.patch_size, stride=cfg.patch_size
+        )
         self.position_embedding = nn.Parameter(torch.randn(1, 1 + self.grid * self.grid, c))
 
     def _patch_positions(self, grid_h: int, grid_w: int) -> torch.Tensor:
@@ -63,7 +64,9 @@ class InternAttention(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         if cfg.hidden_size % cfg.num_attention_heads:
-            raise ValueError(f"hidden_size {cfg.hidden_size} not divisible by {cfg.num_attention_heads} heads")
+            raise ValueError(
+                f"hidden_size {cfg.hidden_size} not divisible by {cfg.num_attention_heads} heads"
+            )
         self.num_heads = cfg.num_attention_heads
         self.head_dim = cfg.hidden_size // cfg.num_attention_heads
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.qkv_bias)
@@ -140,8 +143,8 @@ def _check_pixel_values(pixel_values: torch.Tensor, cfg: VisionConfig) -> None:
     n, c, h, w = pixel_values.shape
     if n < 1 or c != cfg.num_channels or h < cfg.patch_size or w < cfg.patch_size:
         raise InvalidInput(
-            f"pixel_values shape {tuple(pixel_values.shape)} is invalid: need N >= 1, C = {cfg.num_channels}, "
-            f"H and W >= {cfg.patch_size}"
+            f"pixel_values shape {tuple(pixel_values.shape)} is invalid: "
+            f"need N >= 1, C = {cfg.num_channels}, H and W >= {cfg.patch_size}"
         )
     if not pixel_values.is_floating_point():
         raise InvalidInput(f"pixel_values must be floating point, got {pixel_values.dtype}")
