@@ -1,5 +1,6 @@
 """Audio front end of VITA-1.5 (spec §3): decoding, mono 16 kHz conversion, Kaldi fbank, global CMVN and
-the frame / LLM-token count rules.
+the frame / LLM-token count rules. The network (`AudioEncoder`, spec §4) is in `audio_encoder` and is
+re-exported here.
 
 The pipeline for one utterance is::
 
@@ -31,12 +32,29 @@ import torch
 import torch.nn.functional as F
 
 from vitaserve.errors import CheckpointError, InvalidInput
+# The network lives in `audio_encoder`; it is re-exported here so callers import the whole audio stage
+# from one module.
+from vitaserve.models.audio_encoder import MIN_FBANK_FRAMES, AudioEncoder, encoder_frame_count
 from vitaserve.models.configs import AUDIO_SAMPLE_RATE
+
+__all__ = [
+    "AudioEncoder",
+    "MIN_FBANK_FRAMES",
+    "apply_cmvn",
+    "audio_token_count",
+    "decode_audio",
+    "encoder_frame_count",
+    "fbank_frame_count",
+    "kaldi_fbank",
+    "kaldi_mel_banks",
+    "load_cmvn_json",
+    "min_samples_for_frames",
+    "to_mono_16k",
+    "validate_waveform",
+]
 
 MIN_SAMPLE_RATE = 8000
 MAX_SAMPLE_RATE = 192000
-# The encoder needs at least 7 fbank frames (two stride-2 3x3 convolutions); see `audio_token_count`.
-MIN_FBANK_FRAMES = 7
 # int16 full scale: the reference feeds fbank with samples * 2**15, i.e. the raw int16 values.
 _INT16_SCALE = 32768.0
 _PREEMPHASIS = 0.97
@@ -88,8 +106,8 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     x = np.asarray(samples)
     if x.ndim not in (1, 2):
         raise InvalidInput(f"audio samples must be (frames,) or (frames, channels), got shape {x.shape}")
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise InvalidInput(f"audio samples must be numeric, got dtype {x.dtype}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise InvalidInput(f"audio samples must be floating point in [-1, 1), got dtype {x.dtype}")
     if x.size == 0:
         raise InvalidInput("audio contains no samples")
     x = x.astype(np.float32, copy=False)
@@ -191,8 +209,8 @@ def _as_wave_tensor(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
     t = torch.as_tensor(wave)
     if t.ndim != 1:
         raise InvalidInput(f"fbank input must be a 1-D mono waveform, got shape {tuple(t.shape)}")
-    if not (t.dtype.is_floating_point or t.dtype in (torch.int16, torch.int32, torch.int64)):
-        raise InvalidInput(f"fbank input must be numeric, got dtype {t.dtype}")
+    if not t.dtype.is_floating_point:
+        raise InvalidInput(f"fbank input must be floating point in [-1, 1), got dtype {t.dtype}")
     t = t.to(torch.float32)
     if not torch.isfinite(t).all():
         raise InvalidInput("audio contains NaN or infinite samples")
@@ -257,10 +275,13 @@ def load_cmvn_json(path_or_dict: str | PathLike[str] | dict[str, Any]) -> tuple[
         squares = np.asarray(d["var_stat"], dtype=np.float64)
         count = float(d["frame_num"])
     except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{source}: expected numeric mean_stat, var_stat and frame_num ({exc})") from exc
+        raise CheckpointError(
+            f"{source}: expected numeric mean_stat, var_stat and frame_num ({exc})"
+        ) from exc
     if sums.ndim != 1 or sums.shape != squares.shape or sums.size == 0:
         raise CheckpointError(
-            f"{source}: mean_stat and var_stat must be equal-length vectors, got {sums.shape} and {squares.shape}"
+            f"{source}: mean_stat and var_stat must be equal-length vectors, "
+            f"got {sums.shape} and {squares.shape}"
         )
     if not count > 0:
         raise CheckpointError(f"{source}: frame_num must be positive, got {count}")
@@ -278,13 +299,6 @@ def apply_cmvn(feats: torch.Tensor, mean: torch.Tensor, istd: torch.Tensor) -> t
 # ---------------------------------------------------------------------------------------------------------
 # Token counts
 # ---------------------------------------------------------------------------------------------------------
-
-
-def encoder_frame_count(n_frames: int) -> int:
-    """Frames after Conv2dSubsampling4: T1 = (T−1)//2, T2 = (T1−1)//2 (0 when T < 7)."""
-    if n_frames < MIN_FBANK_FRAMES:
-        return 0
-    return ((n_frames - 1) // 2 - 1) // 2
 
 
 def audio_token_count(n_frames: int) -> int:

@@ -24,15 +24,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from vitaserve.errors import InvalidInput
-from vitaserve.models.audio import MIN_FBANK_FRAMES, encoder_frame_count
 from vitaserve.models.configs import AudioEncoderConfig
 
+# Two stride-2 3x3 convolutions need at least 7 fbank frames (85 ms at 16 kHz) to produce one frame.
+MIN_FBANK_FRAMES = 7
 # Rows of the reference's sinusoid table: the longest encoder sequence (T2) it can position.
 MAX_ENCODER_POSITIONS = 5000
 # The reference masks scores with float16's minimum even when computing in float32.
 _MASKED_SCORE = -65504.0
 _ENCODER_LN_EPS = 1e-5
 _ADAPTER_LN_EPS = 1e-3
+
+
+def encoder_frame_count(n_frames: int) -> int:
+    """Frames after Conv2dSubsampling4: T1 = (T−1)//2, T2 = (T1−1)//2 (0 when T < 7)."""
+    if n_frames < MIN_FBANK_FRAMES:
+        return 0
+    return ((n_frames - 1) // 2 - 1) // 2
 
 
 def sinusoid_positions(n: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
@@ -46,15 +54,20 @@ def sinusoid_positions(n: int, dim: int, device: torch.device | None = None) -> 
 
 
 class GlobalCMVN(nn.Module):
-    """x ← (x − mean) · istd per mel bin. Both are checkpoint buffers."""
+    """x ← (x − mean) · istd per mel bin, in float32. Both are checkpoint buffers.
+
+    The buffers are float32 whatever the construction default dtype: log-mel values are around 10–20,
+    where bf16 steps are 0.06, so normalising in the model's compute dtype would lose most of the
+    features' precision. The caller casts the result to the compute dtype.
+    """
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.zeros(dim), persistent=True)
-        self.register_buffer("istd", torch.ones(dim), persistent=True)
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float32), persistent=True)
+        self.register_buffer("istd", torch.ones(dim, dtype=torch.float32), persistent=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) * self.istd
+        return (x.float() - self.mean.float()) * self.istd.float()
 
 
 class Conv2dSubsampling4(nn.Module):
@@ -164,7 +177,8 @@ class WhaleTransformer(nn.Module):
         self.dim = dim
         self.embed = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim, eps=_ENCODER_LN_EPS), nn.ReLU())
         self.encoders = nn.ModuleList(
-            TransformerLayer(dim, cfg.num_attention_heads, cfg.intermediate_size) for _ in range(cfg.num_blocks)
+            TransformerLayer(dim, cfg.num_attention_heads, cfg.intermediate_size)
+            for _ in range(cfg.num_blocks)
         )
         self.after_norm = nn.LayerNorm(dim, eps=_ENCODER_LN_EPS)
 
@@ -186,7 +200,8 @@ class WhaleEncoder(nn.Module):
 
     def forward(self, feats: torch.Tensor, frame_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """feats (B, T, idim), frame_valid (B, T) bool → (x (B, T2, D), valid (B, T2) bool)."""
-        x = self.enc[0](self.global_cmvn(feats))
+        subsampling = self.enc[0]
+        x = subsampling(self.global_cmvn(feats).to(subsampling.core.out[0].weight.dtype))
         valid = frame_valid[:, 2::2][:, 2::2]
         return self.enc[1](x, valid), valid
 
@@ -256,7 +271,7 @@ class AudioEncoder(nn.Module):
             )
         if not torch.isfinite(feats).all():
             raise InvalidInput("audio features contain NaN or infinite values")
-        return feats.to(self.encoder.global_cmvn.mean.dtype), lengths
+        return feats, lengths
 
     def _encode(self, feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats, lengths = self._check_inputs(feats, lengths)
