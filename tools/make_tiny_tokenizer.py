@@ -182,7 +182,8 @@ def write(tok: Tokenizer, out: Path) -> None:
         "eos_token": _added_token_entry("<|im_end|>"),
         "pad_token": _added_token_entry("<|endoftext|>"),
     }
-    for name, obj in (("tokenizer_config.json", tokenizer_config), ("special_tokens_map.json", special_tokens_map)):
+    files = {"tokenizer_config.json": tokenizer_config, "special_tokens_map.json": special_tokens_map}
+    for name, obj in files.items():
         (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
