@@ -255,7 +255,9 @@ class SpeechDecoder(nn.Module):
             raise InvalidInput(f"top_k must be in [1, {cfg.odim + 1}], got {top_k}")
         if penalty_window > 0 and not penalty > 0:
             raise InvalidInput(f"penalty must be > 0, got {penalty}")
-        return self._generate(hidden, max_tokens, top_k, greedy, generator, penalty_window, penalty, return_logits)
+        return self._generate(
+            hidden, max_tokens, top_k, greedy, generator, penalty_window, penalty, return_logits
+        )
 
     @torch.no_grad()
     def _generate(
@@ -301,7 +303,7 @@ class SpeechDecoder(nn.Module):
 
 
 def _sample_top_k(scores: Tensor, k: int, generator: torch.Generator | None) -> int:
-    """softmax over all entries, keep the k largest, renormalise, one multinomial draw over the full vector."""
+    """softmax over all entries, keep the k largest, renormalise, draw once over the full vector."""
     probs = F.softmax(scores, dim=-1)
     top_p, top_i = torch.topk(probs, k)
     kept = torch.zeros_like(probs).scatter_(0, top_i, top_p)
