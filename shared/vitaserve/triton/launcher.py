@@ -138,7 +138,8 @@ def probe_interpreter(python_executable: str) -> Interpreter:
         raise TritonLaunchError(f"cannot run the model interpreter {python_executable!r}: {exc}") from exc
     if done.returncode != 0:
         raise TritonLaunchError(
-            f"the model interpreter {python_executable!r} failed (rc {done.returncode}): {done.stderr.strip()}"
+            f"the model interpreter {python_executable!r} failed (rc {done.returncode}): "
+            f"{done.stderr.strip()}"
         )
     facts = json.loads(done.stdout.strip().splitlines()[-1])
     if facts["numpy_version"] is None:
@@ -396,8 +397,9 @@ class TritonServer:
         if not stub.is_file():
             available = sorted(p.name for p in stubs.iterdir() if (p / stub.name).is_file())
             raise TritonLaunchError(
-                f"the nvidia-pytriton wheel has no Python backend stub for Python {interpreter.minor_version} "
-                f"({interpreter.executable}); it has stubs for: {', '.join(available)}"
+                f"the nvidia-pytriton wheel has no Python backend stub for Python "
+                f"{interpreter.minor_version} ({interpreter.executable}); "
+                f"it has stubs for: {', '.join(available)}"
             )
         if not (interpreter.bin_dir / "python3").exists():
             raise TritonLaunchError(
@@ -566,12 +568,21 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class _Interrupted(Exception):
+    """SIGINT/SIGTERM arrived while the server was starting."""
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise _Interrupted(signal.Signals(signum).name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     models = None if args.models is None else [m.strip() for m in args.models.split(",") if m.strip()]
-    stopping = threading.Event()
+    # While starting, a signal unwinds start(), which stops what it began (the server runs in its own
+    # session, so the default SIGTERM action would orphan it); once ready, it only ends the wait below.
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopping.set())
+        signal.signal(signum, _raise_interrupted)
     try:
         server = TritonServer(
             args.model_repository, models=models, grpc_port=args.grpc_port, http_port=args.http_port,
@@ -582,6 +593,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TritonLaunchError, InvalidInput) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
+    except _Interrupted as exc:
+        print(f"interrupted by {exc} while starting", file=sys.stderr, flush=True)
+        return 1
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
     try:
         print(server.grpc_url, flush=True)
         print(
