@@ -339,23 +339,8 @@ class CheckpointDir:
 
     def verify(self) -> None:
         """Check every tensor of the main checkpoint belongs to a component, with the right shape, by
-        building each component on the meta device (no weights are read)."""
-        from vitaserve.models.audio import AudioEncoder
-        from vitaserve.models.llm import VitaLLM
-        from vitaserve.models.vision import VisionEncoder
-
-        expected: dict[str, tuple[int, ...]] = {}
-        with torch.device("meta"):
-            parts = [
-                (VisionEncoder(self.config.vision), VISION_PREFIXES),
-                (AudioEncoder(self.config.audio), AUDIO_PREFIXES),
-                (VitaLLM(self.config.llm), {"": ""}),
-            ]
-        for module, prefixes in parts:
-            inverse = {v: k for k, v in prefixes.items()}
-            for key, tensor in module.state_dict().items():
-                mod_prefix = max((p for p in inverse if key.startswith(p)), key=len)
-                expected[inverse[mod_prefix] + key[len(mod_prefix):]] = tuple(tensor.shape)
+        building each component on the meta device (only safetensors headers are read)."""
+        expected = main_tensor_shapes(self.config)
         present = set(self._key_to_shard)
         for key in sorted(present - set(expected)):
             raise CheckpointError(f"{self._key_to_shard[key]}: unexpected tensor {key!r}")
@@ -368,6 +353,28 @@ class CheckpointDir:
                     if shape != expected[key]:
                         raise CheckpointError(f"{shard}: tensor {key!r} has shape {list(shape)}, "
                                               f"expected {list(expected[key])}")
+
+
+def main_tensor_shapes(config: VitaConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the main checkpoint's tensors for `config`, from modules built on the meta
+    device (no memory is allocated, so this works for the real 8.3B-parameter model)."""
+    from vitaserve.models.audio import AudioEncoder
+    from vitaserve.models.llm import VitaLLM
+    from vitaserve.models.vision import VisionEncoder
+
+    with torch.device("meta"):
+        parts = [
+            (VisionEncoder(config.vision), VISION_PREFIXES),
+            (AudioEncoder(config.audio), AUDIO_PREFIXES),
+            (VitaLLM(config.llm), {"": ""}),
+        ]
+    expected: dict[str, tuple[int, ...]] = {}
+    for module, prefixes in parts:
+        inverse = {v: k for k, v in prefixes.items()}
+        for key, tensor in module.state_dict().items():
+            mod_prefix = max((p for p in inverse if key.startswith(p)), key=len)
+            expected[inverse[mod_prefix] + key[len(mod_prefix):]] = tuple(tensor.shape)
+    return expected
 
 
 def _read_torch_or_safetensors(folder: Path) -> tuple[dict[str, Any], str]:

@@ -1,6 +1,6 @@
 """Integration tests of the local Triton launcher against the real `tritonserver` from the wheel.
 
-The fixture repository (tests/triton/fixtures/) holds a dynamically batched model (`double`), a decoupled
+The fixture repository (tests/launcher/fixtures/) holds a dynamically batched model (`double`), a decoupled
 streaming model (`stream`) that records what it did into a trace file, and, in a repository of its own,
 a model that fails in `initialize` (`broken`). One server is shared by the session; tests that need their
 own server (model subset, stop, broken model, CLI) start one each.
