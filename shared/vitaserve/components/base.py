@@ -1,0 +1,105 @@
+"""The seam between the orchestrator (and batch worker) and the models: one async interface.
+
+Two implementations: `TritonComponents` (production and integration tests: each component is a Triton
+model, possibly on its own pods) and `InProcessComponents` (the same engines in this process).
+
+Streaming calls return async iterators. Cancellation is closing the iterator (`aclose()`) or cancelling the
+task that iterates it: the implementation must then stop the work at the next token or chunk boundary
+(Triton: cancel the gRPC stream so the model's `is_cancelled()` turns true). Errors are `VitaserveError`s:
+`InvalidInput` for bad media or parameters, `Unavailable` when a component cannot be reached,
+`ResourceExhausted` when it is overloaded.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+COMPONENTS = ("vision_encoder", "audio_encoder", "llm_decoder", "speech_synth")
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    """Encoded image bytes (PNG/JPEG/...). `max_tiles` = 1 for the real-time path (the whole image as one
+    448² tile) and up to 12 for detailed images (tiles + thumbnail)."""
+
+    data: bytes
+    max_tiles: int = 1
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One generated token and the text it completes (empty while a multi-byte character is incomplete).
+    The last item of a stream has `finish_reason` set ("stop", "length") and may carry no token."""
+
+    token_id: int | None
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class SpeechChunk:
+    """Reply audio: float32 mono PCM in [-1, 1]."""
+
+    pcm: np.ndarray
+    sample_rate: int
+
+
+@dataclass(frozen=True)
+class Health:
+    ready: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def all_ready(self) -> bool:
+        return bool(self.ready) and all(self.ready.values())
+
+
+class ComponentClient(ABC):
+    """The four components behind one async interface."""
+
+    @abstractmethod
+    async def encode_images(self, images: Sequence[ImageInput], *, request_id: str = "") -> list[np.ndarray]:
+        """One (n_tiles·256, H) float32 array per image; each 256-row block fills one `<image>` placeholder."""
+
+    @abstractmethod
+    async def encode_audio(self, pcm: np.ndarray, *, request_id: str = "") -> np.ndarray:
+        """16 kHz mono float32 PCM -> (n_tokens, H) float32 for one `<audio>` placeholder."""
+
+    @abstractmethod
+    def generate(
+        self,
+        prompt: str,
+        media: Sequence[np.ndarray],
+        params: GenerationParams,
+        *,
+        request_id: str = "",
+        session_id: str = "",
+    ) -> AsyncIterator[TokenDelta]:
+        """Stream the reply to a ChatML `prompt` whose `<image>`/`<audio>` placeholders are filled, in order,
+        by the `media` arrays (256 rows per image placeholder). The raw text includes the state mark."""
+
+    @abstractmethod
+    def synthesize(
+        self, text: str, *, first_sentence: bool = False, seed: int | None = None, request_id: str = ""
+    ) -> AsyncIterator[SpeechChunk]:
+        """Stream 24 kHz speech for one text segment. `first_sentence` selects the reference's faster first
+        chunk (20 codes) and silence trim."""
+
+    @abstractmethod
+    async def health(self) -> Health:
+        """Readiness of each component (never raises; an unreachable component is not ready)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections and threads."""
