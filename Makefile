@@ -29,6 +29,9 @@ $(STAMP): pyproject.toml Makefile
 test: venv
 	$(PY) -m pytest -q tests
 
+demo: venv
+	$(PY) -m vitaserve.demo
+
 bench: venv
 	$(PY) bench/models.py
 

@@ -1,0 +1,146 @@
+"""A whole local stack in one object: Triton with the model repository, and the orchestrator process.
+
+Used by the embedded default (`python -m vitaserve.demo`), the end-to-end tests and the benchmarks, so all
+three run the platform exactly as deployed: real Triton models, a real orchestrator process, real gRPC.
+
+    with LocalStack(checkpoint_dir) as stack:
+        stack.orchestrator_address   # "127.0.0.1:PORT" for vitaserve.client
+        stack.triton_url             # "127.0.0.1:PORT" for tritonclient / TritonComponents
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from vitaserve.triton.launcher import TritonServer
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+MODEL_REPOSITORY = REPO_ROOT / "services" / "triton" / "model_repository"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_serving(address: str, *, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll grpc.health.v1 until the server reports SERVING (raises on timeout or if `proc` exits)."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"process exited with code {proc.returncode} before serving on {address}")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{address} not SERVING after {timeout_s:.0f} s")
+            time.sleep(0.05)
+
+
+class OrchestratorProcess:
+    """`python -m vitaserve_orchestrator` on a free loopback port, configured through its environment."""
+
+    def __init__(self, env: dict[str, str], *, log_path: Path, startup_timeout_s: float = 60.0) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self._env = {**os.environ, **env, "VITASERVE_LISTEN_ADDRESS": self.address}
+        self._log_path = log_path
+        self._timeout = startup_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "OrchestratorProcess":
+        self._log = open(self._log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "vitaserve_orchestrator"], env=self._env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_serving(self.address, timeout_s=self._timeout, proc=self.proc)
+        except Exception as exc:
+            self.stop()
+            tail = self._log_path.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"orchestrator did not start: {exc}\n--- log tail ---\n{tail}") from exc
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+class LocalStack:
+    """Triton (the four models, or `models`) + the orchestrator, for one checkpoint directory."""
+
+    def __init__(self, checkpoint_dir: str | Path, *, models: list[str] | None = None, orchestrator: bool = True,
+                 work_dir: str | Path | None = None, orchestrator_env: dict[str, str] | None = None) -> None:
+        self.checkpoint_dir = Path(checkpoint_dir).resolve()
+        self._own_tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="vitaserve-stack-")
+        self.work_dir = Path(work_dir) if work_dir else Path(self._own_tmp.name)  # type: ignore[union-attr]
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.triton = TritonServer(MODEL_REPOSITORY, models=models, work_dir=self.work_dir / "triton",
+                                   log_path=self.work_dir / "triton.log",
+                                   env={"VITASERVE_CHECKPOINT_DIR": str(self.checkpoint_dir)})
+        self._with_orchestrator = orchestrator
+        self._orchestrator_env = orchestrator_env or {}
+        self.orchestrator: OrchestratorProcess | None = None
+
+    @property
+    def triton_url(self) -> str:
+        return self.triton.grpc_url
+
+    @property
+    def orchestrator_address(self) -> str:
+        assert self.orchestrator is not None, "started without the orchestrator"
+        return self.orchestrator.address
+
+    def start(self) -> "LocalStack":
+        self.triton.start()
+        if self._with_orchestrator:
+            try:
+                env = {"VITASERVE_BACKEND": "triton", "VITASERVE_TRITON_URL": self.triton_url,
+                       **self._orchestrator_env}
+                self.orchestrator = OrchestratorProcess(env, log_path=self.work_dir / "orchestrator.log").start()
+            except Exception:
+                self.triton.stop()
+                raise
+        return self
+
+    def stop(self) -> None:
+        if self.orchestrator is not None:
+            self.orchestrator.stop()
+        self.triton.stop()
+        if self._own_tmp is not None:
+            self._own_tmp.cleanup()
+
+    def __enter__(self) -> "LocalStack":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
