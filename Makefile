@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv protos test demo bench clean
+.PHONY: venv protos sysdeps test demo bench clean
 
 venv: $(STAMP) protos
 
@@ -26,7 +26,11 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[test]'
 	touch $(STAMP)
 
-test: venv
+# Debian packages the tests use (docker-compose validates docker-compose.yml); installed when missing.
+sysdeps:
+	@command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; }
+
+test: venv sysdeps
 	$(PY) -m pytest -q tests
 
 demo: venv

@@ -34,8 +34,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_serving(address: str, *, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    """Poll grpc.health.v1 until the server reports SERVING (raises on timeout or if `proc` exits)."""
+def wait_serving(address: str, *, timeout_s: float, proc: subprocess.Popen | None = None,
+                 require_serving: bool = True) -> None:
+    """Poll grpc.health.v1 until the server reports SERVING (or answers at all, without `require_serving`);
+    raises on timeout or if `proc` exits."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -44,7 +46,7 @@ def wait_serving(address: str, *, timeout_s: float, proc: subprocess.Popen | Non
                 raise RuntimeError(f"process exited with code {proc.returncode} before serving on {address}")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                if reply.status == health_pb2.HealthCheckResponse.SERVING or not require_serving:
                     return
             except grpc.RpcError:
                 pass
@@ -54,14 +56,18 @@ def wait_serving(address: str, *, timeout_s: float, proc: subprocess.Popen | Non
 
 
 class OrchestratorProcess:
-    """`python -m vitaserve_orchestrator` on a free loopback port, configured through its environment."""
+    """`python -m vitaserve_orchestrator` on a free loopback port, configured through its environment.
+    `wait_ready=False` returns once the server answers health checks, ready or not (its components may be
+    down on purpose)."""
 
-    def __init__(self, env: dict[str, str], *, log_path: Path, startup_timeout_s: float = 60.0) -> None:
+    def __init__(self, env: dict[str, str], *, log_path: Path, startup_timeout_s: float = 60.0,
+                 wait_ready: bool = True) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self._env = {**os.environ, **env, "VITASERVE_LISTEN_ADDRESS": self.address}
         self._log_path = log_path
         self._timeout = startup_timeout_s
+        self._wait_ready = wait_ready
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "OrchestratorProcess":
@@ -69,7 +75,7 @@ class OrchestratorProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "vitaserve_orchestrator"], env=self._env,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            wait_serving(self.address, timeout_s=self._timeout, proc=self.proc)
+            wait_serving(self.address, timeout_s=self._timeout, proc=self.proc, require_serving=self._wait_ready)
         except Exception as exc:
             self.stop()
             tail = self._log_path.read_text(errors="replace")[-4000:]
