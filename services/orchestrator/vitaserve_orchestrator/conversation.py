@@ -1,0 +1,432 @@
+"""The policy of one Converse stream: what each client event does to the session.
+
+`Conversation` receives domain client events one at a time (in arrival order) and owns:
+- input checks per event (sample rate, sizes, image decoding, reserved tokens); a bad event raises a
+  `VitaserveError` that `dispatch` reports as an `ErrorEvent`, and the session goes on;
+- what waits for the next turn (text, images, push-to-talk audio) and the camera frame ring;
+- turn detection: text turns (a `TextIn` commits unless deferred), push-to-talk (`manual` + `CommitIn`),
+  and VAD turns (`vad`: the `Endpointer` reports speech start/stop; the end of an utterance commits it);
+- turn ordering: one response at a time. A commit while a response runs is FAILED_PRECONDITION, except an
+  utterance ended by VAD, which interrupts the response first (barge-in);
+- barge-in: in VAD mode, user speech lasting `barge_in_min_speech_ms` interrupts a running response;
+- interruption on request (`InterruptIn`), playback reports, settings changes and the end of the session;
+- history and persistence: a finished response updates the history (session.py's policy) and the
+  session is saved to the store at turn boundaries, on settings changes and when the stream ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+
+import numpy as np
+
+from vitaserve.components.base import ComponentClient, ImageInput
+from vitaserve.errors import FailedPrecondition, InvalidInput, VitaserveError
+from vitaserve.models.image import decode_image
+from vitaserve.models.prompt import check_text
+from vitaserve_orchestrator.events import (
+    AudioIn,
+    ClientEvent,
+    CommitIn,
+    EndSessionIn,
+    ImageIn,
+    InterruptIn,
+    PlaybackIn,
+    SessionStarted,
+    SpeechStarted,
+    SpeechStopped,
+    TextIn,
+    TurnStarted,
+    UpdateSession,
+    VideoFrameIn,
+)
+from vitaserve_orchestrator.grpc_errors import error_event
+from vitaserve_orchestrator.outbox import Outbox
+from vitaserve_orchestrator.session import (
+    Frame,
+    Session,
+    SessionSettings,
+    SessionStore,
+    history_reply_text,
+    history_user_text,
+)
+from vitaserve_orchestrator.settings import OrchestratorSettings
+from vitaserve_orchestrator.tasks import TaskSet
+from vitaserve_orchestrator.turn import Outcome, PipelineLimits, Response, TurnInput
+from vitaserve_orchestrator.vad import (
+    SAMPLE_RATE,
+    Endpointer,
+    SileroVad,
+    SpeechEnd,
+    SpeechStart,
+    VadConfig,
+    VadModel,
+)
+
+log = logging.getLogger(__name__)
+
+_VAD_FIELDS = ("turn_detection", "vad_threshold", "vad_min_silence_ms", "vad_min_utterance_ms")
+
+
+def pcm16_to_float(pcm16: bytes | bytearray) -> np.ndarray:
+    """16-bit little-endian PCM -> float32 in [-1, 1)."""
+    return np.frombuffer(bytes(pcm16), dtype="<i2").astype(np.float32) / 32768.0
+
+
+class Conversation:
+    """One Converse stream bound to one session (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        session: Session,
+        store: SessionStore,
+        components: ComponentClient,
+        config: OrchestratorSettings,
+        outbox: Outbox,
+        vad_factory: Callable[[], VadModel] = SileroVad,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.session = session
+        self._store = store
+        self._components = components
+        self._config = config
+        self._outbox = outbox
+        self._vad_factory = vad_factory
+        self._clock = clock
+        self._limits = PipelineLimits.from_settings(config)
+        self._tasks = TaskSet(f"conversation:{session.id}")
+        self._save_lock = asyncio.Lock()
+        self._response: Response | None = None
+        self._endpointer: Endpointer | None = None
+        self._vad_base_ms = 0  # input audio received before the current endpointer was created
+        self._audio_in_ms = 0.0  # input audio received on this stream
+        self._ended = False
+        outbox.session_id = session.id
+
+    @classmethod
+    async def open(
+        cls,
+        update: UpdateSession,
+        *,
+        store: SessionStore,
+        components: ComponentClient,
+        config: OrchestratorSettings,
+        outbox: Outbox,
+        vad_factory: Callable[[], VadModel] = SileroVad,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Conversation:
+        """Create or resume the session named by the stream's first event; raises `NotFound` for an
+        unknown session id and `InvalidInput` for bad settings. Emits `SessionStarted`."""
+        if update.session_id:
+            session = await store.load(update.session_id)
+            if update.settings is not None:
+                session.settings = SessionSettings.resolve(update.settings, config)
+                await store.save(session)
+        else:
+            session = await store.create(SessionSettings.resolve(update.settings, config))
+        conversation = cls(
+            session=session,
+            store=store,
+            components=components,
+            config=config,
+            outbox=outbox,
+            vad_factory=vad_factory,
+            clock=clock,
+        )
+        outbox.put(
+            SessionStarted(
+                resumed=bool(update.session_id), settings=session.settings, history_turns=len(session.history)
+            )
+        )
+        return conversation
+
+    # ---- entry points used by the servicer ---------------------------------------------------------
+
+    @property
+    def response(self) -> Response | None:
+        return self._response
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def report(self, exc: BaseException, event_id: str = "") -> None:
+        """Send an `ErrorEvent` for a bad client event; the session goes on."""
+        event = error_event(exc, event_id)
+        turn_id = self._response.turn_id if self._active() and self._response else ""
+        self._outbox.put(event, turn_id=turn_id)
+
+    async def dispatch(self, event: ClientEvent) -> bool:
+        """Apply one client event. Returns False once the client ended the session."""
+        try:
+            await self._handle(event)
+        except VitaserveError as exc:
+            self.report(exc, event.event_id)
+        except Exception as exc:  # noqa: BLE001 - one bad event must not end the session
+            log.exception("session %s: event %s failed", self.session.id, type(event).__name__)
+            self.report(exc, event.event_id)
+        return not self._ended
+
+    async def finish(self) -> None:
+        """The client sent its last event: an utterance still in progress ends here (a client may
+        stream a recording and half-close without trailing silence); let a running response play out,
+        save, end the stream."""
+        if self._endpointer is not None and self._endpointer.in_speech and not self._ended:
+            try:
+                await self._apply_vad_events(self._endpointer.flush())
+            except VitaserveError as exc:
+                self.report(exc)
+        if self._response is not None and not self._ended:
+            await self._response.wait()
+        await self._tasks.wait_all(self._limits.cancel_timeout_s)
+        if not self._ended:
+            await self._save()
+        self._outbox.close()
+
+    async def aclose(self) -> None:
+        """The stream is ending (or was cancelled): stop everything, keep what the user received."""
+        if self._response is not None:
+            await self._response.aclose()
+        await self._tasks.cancel_all(self._limits.cancel_timeout_s)
+        if not self._ended:
+            try:
+                await self._save()
+            except Exception:  # noqa: BLE001 - the stream is gone; nothing to report to
+                log.exception("session %s: saving at stream end failed", self.session.id)
+        self._outbox.close()
+
+    # ---- event handling -------------------------------------------------------------------------
+
+    async def _handle(self, event: ClientEvent) -> None:
+        if isinstance(event, AudioIn):
+            await self._on_audio(event)
+        elif isinstance(event, TextIn):
+            await self._on_text(event)
+        elif isinstance(event, ImageIn):
+            await self._on_image(event)
+        elif isinstance(event, VideoFrameIn):
+            await self._on_frame(event)
+        elif isinstance(event, CommitIn):
+            await self._commit()
+        elif isinstance(event, InterruptIn):
+            await self._on_interrupt(event)
+        elif isinstance(event, PlaybackIn):
+            if self._response is not None and self._response.id == event.response_id:
+                self._response.playout.client_played_ms = max(0, int(event.played_ms))
+        elif isinstance(event, UpdateSession):
+            await self._on_update(event)
+        elif isinstance(event, EndSessionIn):
+            await self._on_end()
+        else:
+            raise InvalidInput(f"unsupported event {type(event).__name__}")
+
+    def _active(self) -> bool:
+        return self._response is not None and not self._response.finished
+
+    async def _on_update(self, event: UpdateSession) -> None:
+        if event.session_id and event.session_id != self.session.id:
+            raise InvalidInput("a stream serves one session: open a new stream for another session")
+        if event.settings is not None:
+            new = SessionSettings.resolve(event.settings, self._config)
+            old = self.session.settings
+            self.session.settings = new
+            if any(getattr(old, f) != getattr(new, f) for f in _VAD_FIELDS):
+                self._drop_endpointer()
+            await self._save()
+        self._outbox.put(
+            SessionStarted(
+                resumed=True, settings=self.session.settings, history_turns=len(self.session.history)
+            )
+        )
+
+    async def _on_end(self) -> None:
+        self._ended = True  # first: nothing may save the session after it is deleted
+        if self._active() and self._response is not None:
+            await self._response.interrupt("client")
+        await self._store.delete(self.session.id)
+
+    async def _on_interrupt(self, event: InterruptIn) -> None:
+        # Interrupting nothing, or a response that already ended, is a harmless race, not an error.
+        response = self._response
+        if response is None or response.finished:
+            return
+        if event.response_id and event.response_id != response.id:
+            return
+        await response.interrupt("client")
+
+    async def _on_text(self, event: TextIn) -> None:
+        check_text(event.text, what="text", max_chars=self._config.max_text_chars)
+        pending = self.session.pending
+        if pending.text_chars + len(event.text) > self._config.max_text_chars:
+            raise InvalidInput(f"the turn's text is longer than {self._config.max_text_chars} characters")
+        if not event.defer_commit and self._active():
+            raise FailedPrecondition("a response is running: interrupt it before sending a new turn")
+        pending.texts.append(event.text)
+        if not event.defer_commit:
+            await self._commit()
+
+    def _check_image_bytes(self, data: bytes, what: str) -> None:
+        if len(data) > self._config.max_image_bytes:
+            raise InvalidInput(f"{what} is {len(data)} bytes, at most {self._config.max_image_bytes} allowed")
+
+    async def _decode_check(self, data: bytes) -> None:
+        # Decoding proves the bytes are a supported, uncorrupted image within the pixel limit, here,
+        # where the error can name this event (not later, inside the turn). Off the event loop.
+        await asyncio.to_thread(decode_image, data, max_pixels=self._config.max_image_pixels)
+
+    async def _on_image(self, event: ImageIn) -> None:
+        self._check_image_bytes(event.data, "image")
+        tiles = event.max_tiles or 1
+        if not 1 <= tiles <= self._config.max_image_tiles:
+            raise InvalidInput(f"max_tiles must be in 1..{self._config.max_image_tiles}, got {tiles}")
+        if len(self.session.pending.images) >= self._config.max_pending_images:
+            raise InvalidInput(f"at most {self._config.max_pending_images} images per turn")
+        await self._decode_check(event.data)
+        self.session.pending.images.append(ImageInput(data=event.data, max_tiles=tiles))
+
+    async def _on_frame(self, event: VideoFrameIn) -> None:
+        self._check_image_bytes(event.data, "video frame")
+        await self._decode_check(event.data)
+        self.session.add_frame(
+            Frame(data=event.data, timestamp_s=event.timestamp_s, received_s=self._clock())
+        )
+
+    async def _on_audio(self, event: AudioIn) -> None:
+        if event.sample_rate != SAMPLE_RATE:
+            raise InvalidInput(f"audio sample_rate must be {SAMPLE_RATE}, got {event.sample_rate}")
+        size = len(event.pcm16)
+        if size % 2:
+            raise InvalidInput(f"audio pcm16 has an odd number of bytes ({size}): 16-bit samples expected")
+        if size > self._config.max_audio_chunk_bytes:
+            raise InvalidInput(
+                f"audio chunk is {size} bytes, at most {self._config.max_audio_chunk_bytes} allowed"
+            )
+        if size == 0:
+            return
+        self._audio_in_ms += size / 2 * 1000.0 / SAMPLE_RATE
+        if self.session.settings.turn_detection == "manual":
+            pending = self.session.pending.audio
+            limit = int(self._config.max_turn_audio_s * SAMPLE_RATE) * 2
+            if len(pending) + size > limit:
+                raise InvalidInput(
+                    f"the turn's audio would exceed {self._config.max_turn_audio_s:g} s: commit first"
+                )
+            pending.extend(event.pcm16)
+            return
+        await self._on_vad_audio(pcm16_to_float(event.pcm16), size)
+
+    async def _endpointer_for_stream(self, new_samples: int) -> Endpointer:
+        if self._endpointer is None:
+            s = self.session.settings
+            vad_config = VadConfig(
+                threshold=s.vad_threshold,
+                min_silence_ms=s.vad_min_silence_ms,
+                speech_pad_ms=self._config.vad_speech_pad_ms,
+                min_utterance_ms=s.vad_min_utterance_ms,
+                max_utterance_ms=int(self._config.max_turn_audio_s * 1000),
+            )
+            model = await asyncio.to_thread(self._vad_factory)  # loading the model takes ~70 ms
+            self._endpointer = Endpointer(vad_config, model)
+            # Offsets stay those of the whole stream's input audio, whenever the endpointer was created.
+            self._vad_base_ms = int(round(self._audio_in_ms - new_samples * 1000.0 / SAMPLE_RATE))
+        return self._endpointer
+
+    def _drop_endpointer(self) -> None:
+        if self._endpointer is not None and self._endpointer.in_speech:
+            self._outbox.put(
+                SpeechStopped(self._vad_base_ms + self._endpointer.position_ms),
+                turn_id=self.session.turn_id(),
+            )
+        self._endpointer = None
+
+    async def _on_vad_audio(self, pcm: np.ndarray, size: int) -> None:
+        endpointer = await self._endpointer_for_stream(size // 2)
+        await self._apply_vad_events(endpointer.push(pcm))
+        await self._maybe_barge_in(endpointer)
+
+    async def _apply_vad_events(self, vad_events: list[SpeechStart | SpeechEnd]) -> None:
+        for vad_event in vad_events:
+            turn_id = self.session.turn_id()
+            if isinstance(vad_event, SpeechStart):
+                self._outbox.put(SpeechStarted(self._vad_base_ms + vad_event.audio_start_ms), turn_id=turn_id)
+            elif isinstance(vad_event, SpeechEnd):
+                self._outbox.put(SpeechStopped(self._vad_base_ms + vad_event.audio_end_ms), turn_id=turn_id)
+                if vad_event.pcm is None:
+                    continue  # shorter than the minimum utterance: noise
+                if self._active() and self._response is not None:
+                    await self._response.interrupt("barge_in")
+                await self._commit(audio=vad_event.pcm)
+
+    async def _maybe_barge_in(self, endpointer: Endpointer) -> None:
+        threshold = self._config.barge_in_min_speech_ms
+        if threshold and self._active() and endpointer.in_speech and endpointer.speech_ms >= threshold:
+            assert self._response is not None
+            await self._response.interrupt("barge_in")
+
+    # ---- turns ----------------------------------------------------------------------------------
+
+    async def _commit(self, *, audio: np.ndarray | None = None) -> None:
+        if self._active():
+            raise FailedPrecondition("a response is running: interrupt it before committing a new turn")
+        pending = self.session.pending
+        if audio is None and pending.audio:
+            pcm16 = bytes(pending.audio)
+            pending.audio.clear()
+            ms = len(pcm16) / 2 * 1000.0 / SAMPLE_RATE
+            shortest = self._config.min_turn_audio_ms
+            if ms < shortest:
+                raise InvalidInput(f"the turn's audio is too short ({ms:.0f} ms, at least {shortest} ms)")
+            audio = pcm16_to_float(pcm16)
+        text = pending.text
+        if not text and not pending.images and audio is None:
+            raise FailedPrecondition("nothing to commit: send text, audio or an image first")
+        frames = self.session.recent_frames(
+            self._config.frames_per_turn, now_s=self._clock(), max_age_s=self._config.frame_max_age_s
+        )
+        turn = TurnInput(
+            text=text, images=tuple(pending.images), frames=tuple(f.data for f in frames), audio=audio
+        )
+        pending.clear()
+        self.session.turns += 1
+        turn_id = self.session.turn_id(self.session.turns)
+        response_id = f"resp-{uuid.uuid4().hex}"
+        self._outbox.put(
+            TurnStarted(modality=turn.modality, images=len(turn.images), frames=len(turn.frames)),
+            turn_id=turn_id,
+            response_id=response_id,
+        )
+        self._response = Response(
+            components=self._components,
+            outbox=self._outbox,
+            session_id=self.session.id,
+            turn_id=turn_id,
+            response_id=response_id,
+            turn=turn,
+            history=self.session.history,
+            settings=self.session.settings,
+            limits=self._limits,
+            committed_at=self._clock(),
+            on_finished=self._on_response_finished,
+            clock=self._clock,
+        )
+        self._response.start()
+
+    def _on_response_finished(self, response: Response, outcome: Outcome) -> None:
+        if outcome.kind in ("done", "interrupted"):
+            turn = response.turn
+            self.session.record_turn(
+                history_user_text(turn.text, images=len(turn.images), spoken=turn.audio is not None),
+                history_reply_text(outcome.state_mark, outcome.text),
+                max_turns=self._config.max_history_turns,
+            )
+        if not self._ended:
+            self._tasks.spawn(self._save(), "save")
+
+    async def _save(self) -> None:
+        async with self._save_lock:
+            await self._store.save(self.session)

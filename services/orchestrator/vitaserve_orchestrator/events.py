@@ -1,0 +1,207 @@
+"""The domain event vocabulary of a conversation, independent of protobuf.
+
+Client events (`ClientEvent`) are what a client sends, already parsed from the wire; server events
+(`ServerEvent`) are what the orchestrator emits, wrapped in an `Envelope` with the session, turn and
+response ids and the time. The servicer translates both to and from protobuf; nothing else sees protobuf.
+
+The event class decides delivery (as in pipecat's frame kinds):
+- data events (`DATA_EVENTS`: text deltas, audio, the done event) and errors carrying a response id belong
+  to one response; once that response is interrupted they are dropped, queued or not (`GATED_EVENTS`, the
+  response id gate of `outbox.Outbox`);
+- every other event (speech started/stopped, interrupted, errors about a client event, ...) is always
+  delivered, in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vitaserve_orchestrator.session import SessionSettings, SettingsUpdate
+
+# ------------------------------------------------------------------------------------------------
+# Client -> orchestrator. `event_id` is chosen by the client and echoed by errors the event causes.
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateSession:
+    """Create (empty `session_id`) or resume a session; later ones change the settings."""
+
+    session_id: str = ""
+    settings: SettingsUpdate | None = None  # None = keep the current settings
+    event_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class AudioIn:
+    """16-bit little-endian mono PCM."""
+
+    pcm16: bytes
+    sample_rate: int
+    event_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageIn:
+    data: bytes
+    max_tiles: int = 0  # 0 = 1 tile (the real-time path)
+    event_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoFrameIn:
+    data: bytes
+    timestamp_s: float = 0.0
+    event_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextIn:
+    text: str
+    defer_commit: bool = False
+    event_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CommitIn:
+    event_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class InterruptIn:
+    response_id: str = ""  # empty = whatever response is running
+    event_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlaybackIn:
+    response_id: str
+    played_ms: int
+    event_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndSessionIn:
+    event_id: str = ""
+
+
+ClientEvent = (
+    UpdateSession
+    | AudioIn
+    | ImageIn
+    | VideoFrameIn
+    | TextIn
+    | CommitIn
+    | InterruptIn
+    | PlaybackIn
+    | EndSessionIn
+)
+
+# ------------------------------------------------------------------------------------------------
+# Orchestrator -> client.
+
+
+@dataclass(frozen=True)
+class SessionStarted:
+    resumed: bool
+    settings: SessionSettings
+    history_turns: int
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    audio_start_ms: int  # offset in the session's streamed input audio
+
+
+@dataclass(frozen=True)
+class SpeechStopped:
+    audio_end_ms: int
+
+
+@dataclass(frozen=True)
+class TurnStarted:
+    modality: str  # "audio" | "text"
+    images: int
+    frames: int
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    offset: int  # in Unicode code points of the reply text
+
+
+@dataclass(frozen=True)
+class AudioOut:
+    """A chunk of reply speech, int16 LE mono, and the span [text_start, text_end) of the reply text that
+    its segment speaks. `segment` (index of that segment) and `duration_ms` are for the server's own
+    playout accounting and are not sent."""
+
+    pcm16: bytes
+    sample_rate: int
+    text_start: int
+    text_end: int
+    seq: int
+    start_ms: int
+    duration_ms: float
+    segment: int
+
+
+@dataclass(frozen=True)
+class Timings:
+    encode_ms: float = 0.0
+    first_token_ms: float = 0.0
+    first_audio_ms: float = 0.0
+    total_ms: float = 0.0
+    tokens: int = 0
+    audio_ms: int = 0
+
+
+@dataclass(frozen=True)
+class ResponseDone:
+    text: str
+    state_mark: str  # "☞", "☜", "☟" or ""
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class Interrupted:
+    played_ms: int
+    heard_text: str
+    reason: str  # "client" | "barge_in"
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    code: str  # a grpc.StatusCode name
+    message: str
+    event_id: str = ""
+    retryable: bool = False
+
+
+ServerEvent = (
+    SessionStarted
+    | SpeechStarted
+    | SpeechStopped
+    | TurnStarted
+    | TextDelta
+    | AudioOut
+    | ResponseDone
+    | Interrupted
+    | ErrorEvent
+)
+
+DATA_EVENTS = (TextDelta, AudioOut, ResponseDone)
+# What the response id gate drops once a response is interrupted: its data, and its own error (a response
+# ends with exactly one of done / interrupted / error).
+GATED_EVENTS = (*DATA_EVENTS, ErrorEvent)
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A server event with its routing ids. `t_ms`: milliseconds since the stream opened."""
+
+    event: ServerEvent
+    session_id: str
+    turn_id: str = ""
+    response_id: str = ""
+    t_ms: float = 0.0

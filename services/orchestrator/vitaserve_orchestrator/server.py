@@ -1,0 +1,167 @@
+"""The orchestrator's gRPC server: Converse, `grpc.health.v1` with real readiness, graceful shutdown.
+
+`create_server(settings, components, address)` builds the server and binds it (port 0 = a free port, as
+tests do) and returns `(server, port)`; `await server.start()` starts serving. Health (service "" and
+"vitaserve.v1.Orchestrator") is NOT_SERVING until `components.health()` reports every component ready,
+follows it afterwards (probed every `health_poll_s`), and is NOT_SERVING for good once draining starts.
+`stop(grace)`: NOT_SERVING first (load balancers stop routing new streams), then `grpc.aio.Server.stop`,
+which gives running streams `grace` seconds before cancelling them. `serve()` runs it until SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Callable
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from vitaserve.api.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from vitaserve.components.base import ComponentClient
+from vitaserve.errors import Unavailable
+from vitaserve_orchestrator.servicer import OrchestratorServicer
+from vitaserve_orchestrator.session import InMemorySessionStore, SessionStore
+from vitaserve_orchestrator.settings import OrchestratorSettings
+from vitaserve_orchestrator.tasks import TaskSet
+from vitaserve_orchestrator.vad import SileroVad, VadModel
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
+HEALTH_SERVICES = ("", SERVICE_NAME)
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class OrchestratorServer:
+    """A bound, not yet started orchestrator gRPC server (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        server: grpc.aio.Server,
+        port: int,
+        servicer: OrchestratorServicer,
+        health: health_aio.HealthServicer,
+        components: ComponentClient,
+        config: OrchestratorSettings,
+    ) -> None:
+        self.grpc_server = server
+        self.port = port
+        self.servicer = servicer
+        self.health = health
+        self.components = components
+        self.config = config
+        self.ready = False
+        self.draining = False
+        self._tasks = TaskSet("orchestrator-server")
+
+    async def start(self) -> None:
+        for service in HEALTH_SERVICES:
+            await self.health.set(service, _NOT_SERVING)
+        await self.grpc_server.start()
+        self._tasks.spawn(self._watch_readiness(), "readiness")
+        log.info("orchestrator listening on port %d", self.port)
+
+    async def check_readiness(self) -> bool:
+        """Probe the components once and publish the result (never raises)."""
+        try:
+            async with asyncio.timeout(max(self.config.health_poll_s, 1.0) * 2):
+                ready = (await self.components.health()).all_ready
+        except Exception as exc:  # noqa: BLE001 - an unhealthy backend is a state, not an error here
+            log.warning("component health check failed: %r", exc)
+            ready = False
+        if ready != self.ready:
+            log.info("components %s", "ready: SERVING" if ready else "not ready: NOT_SERVING")
+        self.ready = ready
+        if not self.draining:
+            for service in HEALTH_SERVICES:
+                await self.health.set(service, _SERVING if ready else _NOT_SERVING)
+        return ready
+
+    async def _watch_readiness(self) -> None:
+        while not self.draining:
+            await self.check_readiness()
+            await asyncio.sleep(self.config.health_poll_s)
+
+    async def drain(self) -> None:
+        """NOT_SERVING from now on, for every health service."""
+        self.draining = True
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain, then stop serving; running streams get `grace` seconds (default: the settings')."""
+        await self.drain()
+        await self._tasks.cancel_all(self.config.cancel_timeout_s)
+        await self.grpc_server.stop(self.config.shutdown_grace_s if grace is None else grace)
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+
+def create_server(
+    settings: OrchestratorSettings,
+    components: ComponentClient,
+    address: str | None = None,
+    *,
+    store: SessionStore | None = None,
+    vad_factory: Callable[[], VadModel] = SileroVad,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[OrchestratorServer, int]:
+    """Build the server bound to `address` (default `settings.listen_address`); returns it and the port
+    actually bound. Call from the event loop that will run it."""
+    options = [
+        ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+        ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+    ]
+    server = grpc.aio.server(options=options)
+    servicer = OrchestratorServicer(
+        config=settings,
+        components=components,
+        store=store or InMemorySessionStore.from_settings(settings),
+        vad_factory=vad_factory,
+        clock=clock,
+    )
+    orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = address or settings.listen_address
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise Unavailable(f"cannot bind {address}: {exc}") from exc
+    if port == 0:
+        raise Unavailable(f"cannot bind {address}")
+    return OrchestratorServer(
+        server=server, port=port, servicer=servicer, health=health, components=components, config=settings
+    ), port
+
+
+async def serve(
+    settings: OrchestratorSettings | None = None, components: ComponentClient | None = None
+) -> None:
+    """Run the orchestrator until SIGTERM or SIGINT, then shut down gracefully."""
+    from vitaserve_orchestrator.components import build_components
+
+    settings = settings or OrchestratorSettings()
+    if components is None:
+        components = await asyncio.to_thread(build_components, settings)
+    server, port = create_server(settings, components)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        print(f"orchestrator serving on {settings.listen_address.rpartition(':')[0]}:{port}", flush=True)
+        await stop.wait()
+        log.info("shutting down: draining for up to %.1f s", settings.shutdown_grace_s)
+        await server.stop()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await components.close()

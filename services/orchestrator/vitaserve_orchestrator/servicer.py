@@ -1,0 +1,246 @@
+"""The Converse gRPC servicer: protobuf <-> domain events, nothing else.
+
+Per stream: the first `ClientEvent` must be a `session_update` (else the RPC ends with INVALID_ARGUMENT);
+an unknown session id ends it with NOT_FOUND. Then a reader task turns each protobuf event into a domain
+event for the `Conversation`, while this handler sends the `Outbox`'s events as protobuf. Errors about
+one event come back as `ErrorEvent`s and the stream goes on. The stream ends after `EndSession`, when the
+client half-closes (once a running response has played out), or when either side cancels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+import grpc
+
+from vitaserve.api.v1 import orchestrator_pb2 as pb
+from vitaserve.api.v1 import orchestrator_pb2_grpc as pb_grpc
+from vitaserve.components.base import ComponentClient
+from vitaserve.errors import InvalidInput, VitaserveError
+from vitaserve_orchestrator import events as ev
+from vitaserve_orchestrator.conversation import Conversation
+from vitaserve_orchestrator.grpc_errors import abort
+from vitaserve_orchestrator.outbox import Outbox
+from vitaserve_orchestrator.session import SessionSettings, SessionStore, SettingsUpdate
+from vitaserve_orchestrator.settings import OrchestratorSettings
+from vitaserve_orchestrator.tasks import cancel_and_wait
+from vitaserve_orchestrator.vad import SileroVad, VadModel
+
+log = logging.getLogger(__name__)
+
+# ------------------------------------------------------------------------------------------------
+# protobuf -> domain
+
+
+def settings_from_proto(msg: pb.SessionSettings) -> SettingsUpdate:
+    return SettingsUpdate(
+        turn_detection=msg.turn_detection,
+        vad_threshold=msg.vad_threshold,
+        vad_min_silence_ms=msg.vad_min_silence_ms,
+        vad_min_utterance_ms=msg.vad_min_utterance_ms,
+        want_audio=msg.want_audio,
+        max_reply_tokens=msg.max_reply_tokens,
+        temperature=msg.temperature,
+        seed=msg.seed,
+        system_prompt=msg.system_prompt,
+        text_only=msg.text_only,
+    )
+
+
+def client_event_from_proto(msg: pb.ClientEvent) -> ev.ClientEvent:
+    """Raises `InvalidInput` for an event with no payload."""
+    eid = msg.event_id
+    kind = msg.WhichOneof("event")
+    if kind == "session_update":
+        u = msg.session_update
+        return ev.UpdateSession(
+            session_id=u.session_id,
+            settings=settings_from_proto(u.settings) if u.HasField("settings") else None,
+            event_id=eid,
+        )
+    if kind == "audio":
+        return ev.AudioIn(pcm16=msg.audio.pcm16, sample_rate=msg.audio.sample_rate, event_id=eid)
+    if kind == "image":
+        return ev.ImageIn(data=msg.image.data, max_tiles=msg.image.max_tiles, event_id=eid)
+    if kind == "video_frame":
+        return ev.VideoFrameIn(
+            data=msg.video_frame.data, timestamp_s=msg.video_frame.timestamp_s, event_id=eid
+        )
+    if kind == "text":
+        return ev.TextIn(text=msg.text.text, defer_commit=msg.text.defer_commit, event_id=eid)
+    if kind == "commit":
+        return ev.CommitIn(event_id=eid)
+    if kind == "interrupt":
+        return ev.InterruptIn(response_id=msg.interrupt.response_id, event_id=eid)
+    if kind == "playback":
+        return ev.PlaybackIn(
+            response_id=msg.playback.response_id, played_ms=msg.playback.played_ms, event_id=eid
+        )
+    if kind == "end_session":
+        return ev.EndSessionIn(event_id=eid)
+    raise InvalidInput("the ClientEvent carries no event")
+
+
+# ------------------------------------------------------------------------------------------------
+# domain -> protobuf
+
+
+def settings_to_proto(s: SessionSettings) -> pb.SessionSettings:
+    return pb.SessionSettings(
+        turn_detection=s.turn_detection,
+        vad_threshold=s.vad_threshold,
+        vad_min_silence_ms=s.vad_min_silence_ms,
+        vad_min_utterance_ms=s.vad_min_utterance_ms,
+        want_audio=s.speech_out,
+        max_reply_tokens=s.max_reply_tokens,
+        temperature=s.temperature,
+        seed=s.seed or 0,
+        system_prompt=s.system_prompt or "",
+        text_only=not s.speech_out,
+    )
+
+
+def server_event_to_proto(env: ev.Envelope) -> pb.ServerEvent:
+    out = pb.ServerEvent(
+        session_id=env.session_id, turn_id=env.turn_id, response_id=env.response_id, t_ms=env.t_ms
+    )
+    e = env.event
+    if isinstance(e, ev.SessionStarted):
+        out.session_started.CopyFrom(
+            pb.SessionStarted(
+                resumed=e.resumed, settings=settings_to_proto(e.settings), history_turns=e.history_turns
+            )
+        )
+    elif isinstance(e, ev.SpeechStarted):
+        out.speech_started.audio_start_ms = e.audio_start_ms
+    elif isinstance(e, ev.SpeechStopped):
+        out.speech_stopped.audio_end_ms = e.audio_end_ms
+    elif isinstance(e, ev.TurnStarted):
+        out.turn_started.CopyFrom(pb.TurnStarted(modality=e.modality, images=e.images, frames=e.frames))
+    elif isinstance(e, ev.TextDelta):
+        out.text_delta.CopyFrom(pb.TextDelta(text=e.text, offset=e.offset))
+    elif isinstance(e, ev.AudioOut):
+        out.audio.CopyFrom(
+            pb.AudioOut(
+                pcm16=e.pcm16,
+                sample_rate=e.sample_rate,
+                text_start=e.text_start,
+                text_end=e.text_end,
+                seq=e.seq,
+                start_ms=e.start_ms,
+            )
+        )
+    elif isinstance(e, ev.ResponseDone):
+        t = e.timings
+        out.response_done.CopyFrom(
+            pb.ResponseDone(
+                text=e.text,
+                state_mark=e.state_mark,
+                timings=pb.Timings(
+                    encode_ms=t.encode_ms,
+                    first_token_ms=t.first_token_ms,
+                    first_audio_ms=t.first_audio_ms,
+                    total_ms=t.total_ms,
+                    tokens=t.tokens,
+                    audio_ms=t.audio_ms,
+                ),
+            )
+        )
+    elif isinstance(e, ev.Interrupted):
+        out.interrupted.CopyFrom(
+            pb.Interrupted(played_ms=e.played_ms, heard_text=e.heard_text, reason=e.reason)
+        )
+    elif isinstance(e, ev.ErrorEvent):
+        out.error.CopyFrom(
+            pb.ErrorEvent(code=e.code, message=e.message, event_id=e.event_id, retryable=e.retryable)
+        )
+    else:  # pragma: no cover - every ServerEvent is handled above
+        raise TypeError(f"no protobuf form for {type(e).__name__}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+class OrchestratorServicer(pb_grpc.OrchestratorServicer):
+    """Serves Converse streams over a `ComponentClient` and a `SessionStore`."""
+
+    def __init__(
+        self,
+        *,
+        config: OrchestratorSettings,
+        components: ComponentClient,
+        store: SessionStore,
+        vad_factory: Callable[[], VadModel] = SileroVad,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._config = config
+        self._components = components
+        self._store = store
+        self._vad_factory = vad_factory
+        self._clock = clock
+        self.open_streams = 0
+
+    async def Converse(  # noqa: N802 - the gRPC method name
+        self, request_iterator: AsyncIterator[pb.ClientEvent], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ServerEvent]:
+        requests = aiter(request_iterator)
+        try:
+            async with asyncio.timeout(self._config.first_event_timeout_s):
+                first = await anext(requests, None)
+        except TimeoutError:
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"no session_update within {self._config.first_event_timeout_s:g} s",
+            )
+        if first is None or first.WhichOneof("event") != "session_update":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first event must be session_update")
+
+        outbox = Outbox(clock=self._clock)
+        try:
+            update = client_event_from_proto(first)
+            assert isinstance(update, ev.UpdateSession)
+            conversation = await Conversation.open(
+                update,
+                store=self._store,
+                components=self._components,
+                config=self._config,
+                outbox=outbox,
+                vad_factory=self._vad_factory,
+                clock=self._clock,
+            )
+        except VitaserveError as exc:
+            await abort(context, exc)
+
+        self.open_streams += 1
+        reader = asyncio.get_running_loop().create_task(
+            self._read(requests, conversation), name=f"converse-reader:{conversation.session.id}"
+        )
+        try:
+            async for envelope in outbox:
+                yield server_event_to_proto(envelope)
+        finally:
+            self.open_streams -= 1
+            await cancel_and_wait(reader, self._config.cancel_timeout_s)
+            await conversation.aclose()
+
+    async def _read(self, requests: AsyncIterator[pb.ClientEvent], conversation: Conversation) -> None:
+        """Feed client events to the conversation until the client stops or ends the session."""
+        try:
+            async for msg in requests:
+                try:
+                    event = client_event_from_proto(msg)
+                except VitaserveError as exc:
+                    conversation.report(exc, msg.event_id)
+                    continue
+                if not await conversation.dispatch(event):
+                    break
+            await conversation.finish()
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - e.g. the transport failed; end this stream cleanly
+            log.exception("session %s: reading the stream failed", conversation.session.id)
+            await conversation.aclose()

@@ -1,0 +1,151 @@
+"""The orchestrator's configuration: one pydantic-settings object, read from `VITASERVE_*` variables.
+
+This module is the one place that lists the orchestrator's environment variables: every field of
+`OrchestratorSettings` is read from `VITASERVE_<FIELD NAME IN UPPER CASE>` (e.g. `VITASERVE_TRITON_URL`).
+Construction fails fast (pydantic `ValidationError`) when an address the chosen backend needs is missing,
+so a misconfigured pod dies at start instead of failing the first user turn.
+
+Backends:
+- `triton`: `VITASERVE_TRITON_URL` serves all four components, or each component has its own URL
+  (`VITASERVE_VISION_ENCODER_URL`, ...), which overrides the common one;
+- `inprocess`: the models run in this process from `VITASERVE_CHECKPOINT_DIR` (tests, single host).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from vitaserve.components.base import COMPONENTS
+
+ENV_PREFIX = "VITASERVE_"
+MiB = 1024 * 1024
+
+
+class OrchestratorSettings(BaseSettings):
+    """Everything an orchestrator replica needs to know. Defaults follow the reference real-time server
+    (`tests/golden/vita15_prompt_format.json`) where it has one."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    # --- transport ------------------------------------------------------------------------------
+    listen_address: str = Field(
+        "0.0.0.0:50051", description="host:port the Converse gRPC server binds (port 0 = any free port)."
+    )
+    grpc_max_message_bytes: int = Field(
+        16 * MiB, ge=64 * 1024, description="Largest gRPC message accepted or sent (both directions)."
+    )
+
+    # --- component backend --------------------------------------------------------------------------
+    backend: Literal["triton", "inprocess"] = Field(
+        "triton", description="Where the four models run: a Triton deployment, or in this process."
+    )
+    triton_url: str | None = Field(
+        None, description="host:port of the Triton gRPC endpoint serving every component (backend=triton)."
+    )
+    vision_encoder_url: str | None = Field(
+        None, description="Triton URL of vision_encoder (overrides triton_url)."
+    )
+    audio_encoder_url: str | None = Field(
+        None, description="Triton URL of audio_encoder (overrides triton_url)."
+    )
+    llm_decoder_url: str | None = Field(None, description="Triton URL of llm_decoder (overrides triton_url).")
+    speech_synth_url: str | None = Field(
+        None, description="Triton URL of speech_synth (overrides triton_url)."
+    )
+    checkpoint_dir: Path | None = Field(
+        None, description="Checkpoint directory in the released layout (backend=inprocess)."
+    )
+
+    # --- per-event input limits -----------------------------------------------------------------------
+    max_image_bytes: int = Field(8 * MiB, ge=1, description="Largest encoded image or video frame accepted.")
+    max_image_pixels: int = Field(
+        25_000_000, ge=1, description="Largest decoded image (width x height), checked from the header."
+    )
+    max_image_tiles: int = Field(12, ge=1, le=12, description="Largest Image.max_tiles a client may ask for.")
+    max_pending_images: int = Field(8, ge=1, description="Images that may wait for one turn.")
+    max_audio_chunk_bytes: int = Field(
+        320_000, ge=2, description="Largest AudioChunk payload (320 000 bytes = 10 s of 16 kHz int16)."
+    )
+    max_turn_audio_s: float = Field(
+        60.0, gt=0, description="Longest spoken turn; VAD ends a longer utterance, manual turns reject more."
+    )
+    min_turn_audio_ms: int = Field(
+        100, ge=90, description="Shortest push-to-talk audio (the audio encoder needs >= 85 ms)."
+    )
+    max_text_chars: int = Field(
+        8000, ge=1, description="Longest typed text of one turn (all deferred parts)."
+    )
+
+    # --- turn detection (defaults of the reference real-time server) ------------------------------------
+    default_turn_detection: Literal["vad", "manual"] = Field(
+        "vad", description="Turn detection of a session that does not choose one."
+    )
+    vad_threshold: float = Field(0.7, gt=0, lt=1, description="Speech probability that starts speech.")
+    vad_min_silence_ms: int = Field(500, ge=0, description="Silence that ends an utterance.")
+    vad_speech_pad_ms: int = Field(30, ge=0, description="Audio kept before the start and after the end.")
+    vad_min_utterance_ms: int = Field(
+        1000, ge=0, description="Utterances shorter than this (pads included) are discarded as noise."
+    )
+    barge_in_min_speech_ms: int = Field(
+        500,
+        ge=0,
+        description="VAD sessions: user speech this long interrupts a running response (0 = never).",
+    )
+
+    # --- camera frames ----------------------------------------------------------------------------------
+    frames_kept: int = Field(16, ge=1, description="Recent camera frames kept per session.")
+    frames_per_turn: int = Field(4, ge=0, le=4, description="Most recent frames sent with a turn (<= 4).")
+    frame_max_age_s: float = Field(
+        10.0, gt=0, description="Frames received longer ago than this are not sent with a turn."
+    )
+
+    # --- replies --------------------------------------------------------------------------------------
+    max_reply_tokens: int = Field(512, ge=1, description="Reply length when the session does not choose.")
+    max_reply_tokens_limit: int = Field(2048, ge=1, description="Largest max_reply_tokens a session may set.")
+    max_history_turns: int = Field(20, ge=0, description="Earlier turns kept and put into the prompt.")
+
+    # --- bounded waits on components (a stuck component becomes UNAVAILABLE, never a hang) ---------------
+    encode_timeout_s: float = Field(30.0, gt=0, description="Vision + audio encoding of one turn.")
+    first_token_timeout_s: float = Field(60.0, gt=0, description="Commit of the prompt -> first LLM token.")
+    token_timeout_s: float = Field(30.0, gt=0, description="Between two LLM tokens.")
+    speech_timeout_s: float = Field(30.0, gt=0, description="Between two speech chunks of one segment.")
+    cancel_timeout_s: float = Field(2.0, gt=0, description="Waiting for cancelled streams to close.")
+    first_event_timeout_s: float = Field(30.0, gt=0, description="Stream open -> the first SessionUpdate.")
+
+    # --- sessions and lifecycle -------------------------------------------------------------------------
+    max_sessions: int = Field(10_000, ge=1, description="Sessions the in-memory store holds.")
+    session_idle_ttl_s: float = Field(3600.0, gt=0, description="In-memory sessions idle this long expire.")
+    health_poll_s: float = Field(2.0, gt=0, description="Interval of the component readiness probe.")
+    shutdown_grace_s: float = Field(10.0, ge=0, description="SIGTERM: time running streams get to finish.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> OrchestratorSettings:
+        host, sep, port = self.listen_address.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"{ENV_PREFIX}LISTEN_ADDRESS must be host:port, got {self.listen_address!r}")
+        if self.backend == "triton":
+            missing = [name for name, url in self._urls().items() if not url]
+            if missing:
+                raise ValueError(
+                    f"backend=triton needs {ENV_PREFIX}TRITON_URL or a URL for every component; missing: "
+                    + ", ".join(f"{ENV_PREFIX}{name.upper()}_URL" for name in missing)
+                )
+        elif self.checkpoint_dir is None:
+            raise ValueError(f"backend=inprocess needs {ENV_PREFIX}CHECKPOINT_DIR")
+        elif not self.checkpoint_dir.is_dir():
+            raise ValueError(f"{ENV_PREFIX}CHECKPOINT_DIR is not a directory: {self.checkpoint_dir}")
+        if self.max_reply_tokens > self.max_reply_tokens_limit:
+            raise ValueError("max_reply_tokens must be <= max_reply_tokens_limit")
+        return self
+
+    def _urls(self) -> dict[str, str | None]:
+        return {name: getattr(self, f"{name}_url") or self.triton_url for name in COMPONENTS}
+
+    def component_urls(self) -> dict[str, str]:
+        """Triton URL of each component (backend=triton)."""
+        return {name: url for name, url in self._urls().items() if url}

@@ -1,0 +1,547 @@
+"""The turn pipeline: one assistant response from a committed user turn, and its interruption.
+
+`Response` is the handle of one response (like livekit's `SpeechHandle`): `start()`, `interrupt(reason)`,
+`aclose()`, `wait()`. Its task runs, with every wait bounded (`PipelineLimits`):
+
+1. encode: the vision encoder (still images, then up to 4 camera frames as one tile each) and the audio
+   encoder (a spoken turn) run in parallel; if one fails the other is cancelled;
+2. prompt: `build_prompt` with the session history; media 'image' when the turn has still images, else
+   'video' for camera frames; the real-time server's system prompts unless the session sets its own;
+3. generate: the LLM streams tokens; the leading state mark is stripped on the fly (`ReplyCleaner`). A ☟
+   (noise) reply is stopped at once and produces no text and no audio, only a done event with mark ☟;
+4. speak: text deltas are sent in order and cut into sentences (`TextSegmenter`); a concurrent task
+   synthesises the segments one after the other while the LLM goes on, each audio chunk carrying its
+   segment's text span, a running `seq` and `start_ms`;
+5. done: `ResponseDone` with the timings (from the commit: encode, first token, first audio queued,
+   total; tokens, audio ms).
+
+A response ends with exactly one of `ResponseDone`, `Interrupted` or `ErrorEvent`, and counts as
+finished once that event was handed to the transport (or at the interruption). Interruption closes the
+response id gate of the `Outbox` first (no data event of this response is sent afterwards), then cancels
+the task, which closes the LLM and speech iterators; `Interrupted` reports the audio sent so far and the
+reply text aligned to it. Component errors end the turn with an `ErrorEvent` (a stuck component becomes
+`UNAVAILABLE` after its timeout); the session stays usable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import numpy as np
+
+from vitaserve.components.base import ComponentClient, GenerationParams, ImageInput
+from vitaserve.errors import Unavailable, VitaserveError
+from vitaserve.models.codec import pcm_to_int16
+from vitaserve.models.configs import TOKENS_PER_TILE
+from vitaserve.models.prompt import (
+    IM_END,
+    MARK_NOISE,
+    STATE_MARKS,
+    UNK,
+    Segment,
+    TextSegmenter,
+    Turn,
+    build_prompt,
+    system_prompt,
+)
+from vitaserve_orchestrator.events import (
+    AudioOut,
+    ErrorEvent,
+    Interrupted,
+    ResponseDone,
+    ServerEvent,
+    TextDelta,
+    Timings,
+)
+from vitaserve_orchestrator.outbox import Outbox, Playout
+from vitaserve_orchestrator.session import SessionSettings
+from vitaserve_orchestrator.settings import OrchestratorSettings
+from vitaserve_orchestrator.tasks import cancel_and_wait
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# The prompt's user text is checked where it arrives (settings.max_text_chars); history replies can be
+# longer than one user message, so build_prompt's own per-text limit is lifted.
+_PROMPT_MAX_CHARS = 1_000_000
+_JUNK = (UNK, IM_END)
+
+
+class ComponentTimeout(Unavailable):
+    """A component accepted the call but sent nothing within its time limit (retryable)."""
+
+
+@dataclass(frozen=True)
+class PipelineLimits:
+    encode_timeout_s: float = 30.0
+    first_token_timeout_s: float = 60.0
+    token_timeout_s: float = 30.0
+    speech_timeout_s: float = 30.0
+    cancel_timeout_s: float = 2.0
+
+    @classmethod
+    def from_settings(cls, config: OrchestratorSettings) -> PipelineLimits:
+        return cls(
+            config.encode_timeout_s,
+            config.first_token_timeout_s,
+            config.token_timeout_s,
+            config.speech_timeout_s,
+            config.cancel_timeout_s,
+        )
+
+
+@dataclass(frozen=True)
+class TurnInput:
+    """A committed user turn. `audio`: 16 kHz mono float32 of a spoken turn; `frames`: encoded camera
+    frames, oldest first."""
+
+    text: str = ""
+    images: tuple[ImageInput, ...] = ()
+    frames: tuple[bytes, ...] = ()
+    audio: np.ndarray | None = None
+
+    @property
+    def modality(self) -> str:
+        return "audio" if self.audio is not None else "text"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a response ended. `text`: the whole reply (done) or what the user heard (interrupted)."""
+
+    kind: Literal["done", "noise", "interrupted", "error"]
+    text: str = ""
+    state_mark: str = ""
+
+
+class ReplyCleaner:
+    """Streams a raw reply into user-visible text: drops the leading state mark (and one space after it),
+    any other state mark, `<unk>` and `<|im_end|>`. The concatenated output equals
+    `strip_state_marks(whole reply)[0]`; text that may begin a `<unk>`/`<|im_end|>` is held back until it
+    can be decided. `mark` is known as soon as the first non-blank character arrived."""
+
+    def __init__(self) -> None:
+        self._buf = ""
+        self._lead_done = False
+        self.mark: str | None = None
+
+    def push(self, raw: str) -> str:
+        self._buf += raw
+        if not self._lead_done and not self._strip_lead(final=False):
+            return ""
+        return self._drain(final=False)
+
+    def finish(self) -> str:
+        if not self._lead_done:
+            self._strip_lead(final=True)
+        return self._drain(final=True)
+
+    def _strip_lead(self, *, final: bool) -> bool:
+        body = self._buf.lstrip()
+        if not body:
+            return final
+        if body[0] not in STATE_MARKS:
+            self._lead_done = True  # no mark: the text is kept as it is, leading blanks included
+            return True
+        self.mark = body[0]
+        rest = body[1:]
+        if not rest and not final:
+            return False  # a space after the mark may still come
+        self._buf = rest[1:] if rest.startswith(" ") else rest
+        self._lead_done = True
+        return True
+
+    def _drain(self, *, final: bool) -> str:
+        text = self._buf
+        for junk in (*STATE_MARKS, *_JUNK):
+            text = text.replace(junk, "")
+        hold = 0 if final else _partial_junk_suffix(text)
+        self._buf = text[len(text) - hold :]
+        return text[: len(text) - hold]
+
+
+def _partial_junk_suffix(text: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `<unk>` or `<|im_end|>`."""
+    best = 0
+    for junk in _JUNK:
+        for n in range(min(len(junk) - 1, len(text)), best, -1):
+            if text.endswith(junk[:n]):
+                best = n
+                break
+    return best
+
+
+def _first_error(group: BaseExceptionGroup) -> BaseException:
+    """The exception to report from a task group: the first `VitaserveError`, else the first one."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for sub in exc.exceptions:
+                walk(sub)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for exc in leaves:
+        if isinstance(exc, VitaserveError):
+            return exc
+    return leaves[0]
+
+
+async def _next(it: AsyncIterator[T], timeout_s: float, component: str) -> T | None:
+    """The next item of a component stream (None at its end), bounded by `timeout_s`."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await anext(it)
+    except StopAsyncIteration:
+        return None
+    except TimeoutError:
+        raise ComponentTimeout(f"{component} sent nothing for {timeout_s:g} s") from None
+
+
+async def _aclose(it: Any, timeout_s: float) -> None:
+    """Close a component stream (ends the remote call); bounded, and never raises."""
+    close = getattr(it, "aclose", None)
+    if close is None:
+        return
+    try:
+        async with asyncio.timeout(timeout_s):
+            await close()
+    except (Exception, asyncio.CancelledError) as exc:  # noqa: BLE001 - best effort on a dead stream
+        if isinstance(exc, asyncio.CancelledError) and asyncio.current_task().cancelling():
+            raise
+        log.debug("closing a component stream failed: %r", exc)
+
+
+class Response:
+    """One assistant response to a committed turn (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        components: ComponentClient,
+        outbox: Outbox,
+        session_id: str,
+        turn_id: str,
+        response_id: str,
+        turn: TurnInput,
+        history: Sequence[Turn],
+        settings: SessionSettings,
+        limits: PipelineLimits,
+        committed_at: float,
+        on_finished: Callable[[Response, Outcome], None],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.id = response_id
+        self.turn_id = turn_id
+        self.session_id = session_id
+        self.turn = turn
+        self.playout = Playout()
+        self._components = components
+        self._outbox = outbox
+        self._history = list(history)
+        self._settings = settings
+        self._limits = limits
+        self._t0 = committed_at
+        self._clock = clock
+        self._on_finished = on_finished
+        self._task: asyncio.Task[None] | None = None
+        self._outcome: Outcome | None = None
+        self._finished = asyncio.Event()
+        # Reply state, written by the task.
+        self._pieces: list[str] = []
+        self._offset = 0
+        self._mark: str | None = None
+        self._tokens = 0
+        self._seq = 0
+        self._audio_ms = 0.0
+        self._first_token_ms: float | None = None
+        self._first_audio_ms: float | None = None
+
+    # ---- handle -------------------------------------------------------------------------------------
+
+    @property
+    def text(self) -> str:
+        """The reply text produced so far (state mark removed)."""
+        return "".join(self._pieces)
+
+    @property
+    def finished(self) -> bool:
+        return self._outcome is not None
+
+    @property
+    def outcome(self) -> Outcome | None:
+        return self._outcome
+
+    def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("response already started")
+        self._outbox.watch(self.id, self.playout, self._on_sent)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"response:{self.id}")
+
+    async def wait(self) -> Outcome:
+        await self._finished.wait()
+        assert self._outcome is not None
+        return self._outcome
+
+    async def interrupt(self, reason: str) -> bool:
+        """Stop this response at every hop; emits `Interrupted`. False if it had already finished."""
+        if self.finished:
+            return False
+        played, heard = self._stop_output()
+        await self._cancel_task()
+        self._emit(Interrupted(played_ms=int(round(played)), heard_text=heard, reason=reason))
+        return True
+
+    async def aclose(self) -> None:
+        """Stop without telling the client (the stream is closing); history keeps what was sent."""
+        if not self.finished:
+            self._stop_output()
+        await self._cancel_task()
+
+    def _stop_output(self) -> tuple[float, str]:
+        # The gate first, in this event-loop step: from here on nothing of this response is sent, so the
+        # playout accounting below is final.
+        self._outbox.close_response(self.id)
+        played = self.playout.played_ms
+        if self._settings.speech_out:
+            heard = self.playout.heard_text(self.text, played)
+        else:
+            heard = self.text[: self.playout.sent_text_end]
+        self._finish(Outcome("interrupted", heard, self._mark or ""))
+        return played, heard
+
+    async def _cancel_task(self) -> None:
+        if self._task is not None:
+            await cancel_and_wait(self._task, self._limits.cancel_timeout_s)
+
+    def _finish(self, outcome: Outcome) -> None:
+        if self._outcome is not None:
+            return
+        self._outcome = outcome
+        self._outbox.unwatch(self.id)
+        self._finished.set()
+        try:
+            self._on_finished(self, outcome)
+        except Exception:  # noqa: BLE001 - a bookkeeping failure must not break the stream
+            log.exception("on_finished of response %s failed", self.id)
+
+    def _on_sent(self, event: ServerEvent) -> None:
+        if isinstance(event, ResponseDone):
+            kind = "noise" if event.state_mark == MARK_NOISE else "done"
+            self._finish(Outcome(kind, event.text, event.state_mark))
+        elif isinstance(event, ErrorEvent):
+            self._finish(Outcome("error"))
+
+    def _emit(self, event: ServerEvent) -> None:
+        sent = self._outbox.put(event, turn_id=self.turn_id, response_id=self.id)
+        if not sent and isinstance(event, (ResponseDone, ErrorEvent)):
+            self._on_sent(event)  # the stream is gone: the response is over all the same
+
+    def _ms_since_commit(self) -> float:
+        return (self._clock() - self._t0) * 1000.0
+
+    # ---- pipeline -----------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            await self._pipeline()
+        except asyncio.CancelledError:
+            raise
+        except VitaserveError as exc:
+            log.info("response %s failed: %s %s", self.id, exc.code, exc.message)
+            self._emit(ErrorEvent(exc.code, exc.message, retryable=exc.retryable))
+        except Exception as exc:  # noqa: BLE001 - reported to the client, the session goes on
+            log.exception("response %s failed", self.id)
+            self._emit(ErrorEvent("INTERNAL", f"{type(exc).__name__}: {exc}"))
+
+    async def _pipeline(self) -> None:
+        vision, audio, encode_ms = await self._encode()
+        n_images = len(self.turn.images)
+        placeholders = sum(v.shape[0] // TOKENS_PER_TILE for v in vision)
+        media_kind = "image" if n_images else ("video" if self.turn.frames else None)
+        system = self._settings.system_prompt or system_prompt(media_kind, realtime=True)
+        prompt = build_prompt(
+            self._history,
+            self.turn.text,
+            n_images=placeholders,
+            has_audio=audio is not None,
+            media=media_kind,
+            system=system,
+            max_chars=_PROMPT_MAX_CHARS,
+        )
+        media = [*vision, *([audio] if audio is not None else [])]
+        params = GenerationParams(
+            max_tokens=self._settings.max_reply_tokens,
+            temperature=self._settings.temperature,
+            seed=self._settings.seed,
+        )
+        segments: asyncio.Queue[Segment | None] | None = (
+            asyncio.Queue() if self._settings.speech_out else None
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                if segments is not None:
+                    group.create_task(self._speak(segments), name=f"speak:{self.id}")
+                noise = await self._generate(prompt, media, params, segments)
+        except BaseExceptionGroup as group_error:
+            raise _first_error(group_error) from None
+        timings = Timings(
+            encode_ms=encode_ms,
+            first_token_ms=self._first_token_ms or 0.0,
+            first_audio_ms=self._first_audio_ms or 0.0,
+            total_ms=self._ms_since_commit(),
+            tokens=self._tokens,
+            audio_ms=int(round(self._audio_ms)),
+        )
+        self._emit(
+            ResponseDone(text="" if noise else self.text, state_mark=self._mark or "", timings=timings)
+        )
+
+    async def _encode(self) -> tuple[list[np.ndarray], np.ndarray | None, float]:
+        """Vision and audio encoders in parallel; returns (one array per image/frame, audio, ms)."""
+        started = self._clock()
+        pictures = [*self.turn.images, *(ImageInput(data=f, max_tiles=1) for f in self.turn.frames)]
+        if not pictures and self.turn.audio is None:
+            return [], None, 0.0
+        vision: asyncio.Task[list[np.ndarray]] | None = None
+        audio: asyncio.Task[np.ndarray] | None = None
+        try:
+            async with asyncio.timeout(self._limits.encode_timeout_s), asyncio.TaskGroup() as group:
+                if pictures:
+                    vision = group.create_task(self._components.encode_images(pictures, request_id=self.id))
+                if self.turn.audio is not None:
+                    audio = group.create_task(
+                        self._components.encode_audio(self.turn.audio, request_id=self.id)
+                    )
+        except BaseExceptionGroup as group_error:
+            raise _first_error(group_error) from None
+        except TimeoutError:
+            raise ComponentTimeout(
+                f"the encoders did not answer within {self._limits.encode_timeout_s:g} s"
+            ) from None
+        arrays = vision.result() if vision is not None else []
+        self._check_vision(pictures, arrays)
+        audio_emb = audio.result() if audio is not None else None
+        if audio_emb is not None and (audio_emb.ndim != 2 or audio_emb.shape[0] == 0):
+            raise VitaserveError(f"audio_encoder returned an array of shape {audio_emb.shape}")
+        return list(arrays), audio_emb, (self._clock() - started) * 1000.0
+
+    def _check_vision(self, pictures: list[ImageInput], arrays: Sequence[np.ndarray]) -> None:
+        if len(arrays) != len(pictures):
+            raise VitaserveError(f"vision_encoder returned {len(arrays)} arrays for {len(pictures)} images")
+        for k, (pic, arr) in enumerate(zip(pictures, arrays, strict=True)):
+            rows = arr.shape[0] if arr.ndim == 2 else -1
+            if rows <= 0 or rows % TOKENS_PER_TILE or rows // TOKENS_PER_TILE > max(pic.max_tiles, 1) + 1:
+                raise VitaserveError(f"vision_encoder returned shape {arr.shape} for image {k}")
+
+    async def _generate(
+        self,
+        prompt: str,
+        media: list[np.ndarray],
+        params: GenerationParams,
+        segments: asyncio.Queue[Segment | None] | None,
+    ) -> bool:
+        """Stream the LLM into text deltas and segments; returns True for a noise (☟) reply."""
+        cleaner = ReplyCleaner()
+        segmenter = TextSegmenter()
+        noise = False
+        stream = aiter(
+            self._components.generate(prompt, media, params, request_id=self.id, session_id=self.session_id)
+        )
+        try:
+            while True:
+                timeout = (
+                    self._limits.first_token_timeout_s
+                    if self._first_token_ms is None
+                    else self._limits.token_timeout_s
+                )
+                delta = await _next(stream, timeout, "llm_decoder")
+                if delta is None:
+                    break
+                if delta.token_id is not None:
+                    self._tokens += 1
+                    if self._first_token_ms is None:
+                        self._first_token_ms = self._ms_since_commit()
+                clean = cleaner.push(delta.text)
+                self._mark = cleaner.mark
+                if cleaner.mark == MARK_NOISE:
+                    noise = True
+                    break
+                self._publish(clean, segmenter, segments)
+                if delta.finish_reason:
+                    break
+        finally:
+            await _aclose(stream, self._limits.cancel_timeout_s)
+        if not noise:
+            self._publish(cleaner.finish(), segmenter, segments)
+            self._mark = cleaner.mark
+            if segments is not None and (tail := segmenter.flush()) is not None:
+                segments.put_nowait(tail)
+        if segments is not None:
+            segments.put_nowait(None)
+        return noise
+
+    def _publish(
+        self, clean: str, segmenter: TextSegmenter, segments: asyncio.Queue[Segment | None] | None
+    ) -> None:
+        if not clean:
+            return
+        self._emit(TextDelta(text=clean, offset=self._offset))
+        self._offset += len(clean)
+        self._pieces.append(clean)
+        if segments is not None:
+            for seg in segmenter.push(clean):
+                segments.put_nowait(seg)
+
+    async def _speak(self, segments: asyncio.Queue[Segment | None]) -> None:
+        """Synthesise segments in order, each as soon as it is cut, while the LLM goes on."""
+        index = 0
+        while (seg := await segments.get()) is not None:
+            self.playout.segment_started(index, seg.start, seg.end, self._audio_ms)
+            seg_ms = 0.0
+            stream = aiter(
+                self._components.synthesize(
+                    seg.text,
+                    first_sentence=seg.first,
+                    seed=self._settings.seed,
+                    request_id=f"{self.id}/{index}",
+                )
+            )
+            try:
+                while (
+                    chunk := await _next(stream, self._limits.speech_timeout_s, "speech_synth")
+                ) is not None:
+                    pcm = np.asarray(chunk.pcm, dtype=np.float32).reshape(-1)
+                    if pcm.size == 0:
+                        continue
+                    if chunk.sample_rate <= 0:
+                        raise VitaserveError(f"speech_synth returned sample rate {chunk.sample_rate}")
+                    duration = pcm.size * 1000.0 / chunk.sample_rate
+                    self._emit(
+                        AudioOut(
+                            pcm16=pcm_to_int16(pcm).astype("<i2", copy=False).tobytes(),
+                            sample_rate=int(chunk.sample_rate),
+                            text_start=seg.start,
+                            text_end=seg.end,
+                            seq=self._seq,
+                            start_ms=int(round(self._audio_ms)),
+                            duration_ms=duration,
+                            segment=index,
+                        )
+                    )
+                    if self._first_audio_ms is None:
+                        self._first_audio_ms = self._ms_since_commit()
+                    self._seq += 1
+                    self._audio_ms += duration
+                    seg_ms += duration
+            finally:
+                await _aclose(stream, self._limits.cancel_timeout_s)
+            self.playout.segment_finished(index, seg_ms)
+            index += 1

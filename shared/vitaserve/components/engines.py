@@ -1,0 +1,353 @@
+"""The component logic: what each Triton model (and the in-process client) computes, in plain Python.
+
+Each engine is built from a `CheckpointDir` and loads only its own weights, so a Triton deployment of one
+component holds only that component's memory:
+
+- `VisionEngine`  image bytes -> tiles -> one batched InternViT forward -> 256 LLM rows per tile
+- `AudioEngine`   16 kHz PCM -> fbank -> one padded batch through the whale encoder + adapter
+- `LLMEngine`     ChatML prompt + media rows -> streamed `TokenDelta`s (cancellable between tokens)
+- `SpeechEngine`  a text segment -> speech codes -> streamed 24 kHz float32 PCM chunks (cancellable)
+
+Batched engines split their work into `preprocess` (per item; a bad item raises `InvalidInput` without
+affecting the others) and `forward` (one torch call for many items), so a Triton `execute()` can answer a
+bad request with an error and still batch the good ones. Streaming engines validate everything when called
+and return a generator; `is_cancelled()` is polled before every token, so a cancelled stream stops after
+at most the step in flight.
+
+Engines are thread-safe for concurrent calls: torch modules are only read, and the Hugging Face fast
+tokenizer (whose encode mutates its Rust state) is used under a lock.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from vitaserve.components.base import GenerationParams, ImageInput, TokenDelta
+from vitaserve.errors import InvalidInput
+from vitaserve.models.audio import kaldi_fbank, validate_waveform
+from vitaserve.models.checkpoint import CheckpointDir
+from vitaserve.models.codec import StreamingDecoder
+from vitaserve.models.configs import AUDIO_TOKEN_ID, IMAGE_TOKEN_ID, SPEECH_SAMPLE_RATE, TOKENS_PER_TILE
+from vitaserve.models.image import DEFAULT_MAX_PIXELS, decode_image, dynamic_preprocess, tiles_to_pixel_values
+from vitaserve.models.llm import StreamDetokenizer, TokenStream
+from vitaserve.models.prompt import ENDOFTEXT, IM_END, strip_state_marks, tokenize_with_placeholders
+
+IsCancelled = Callable[[], bool]
+
+MAX_IMAGE_TILES = 12
+MAX_GENERATION_TOKENS = 8192
+MAX_PROMPT_CHARS = 262_144
+MAX_SPEECH_TEXT_CHARS = 4000
+# Safety bound on speech codes per segment: a trained decoder emits EOS after ~40 codes per second of
+# speech, but untrained (tiny random) weights may never emit it. 15 codes per text token is ~0.4 s of
+# speech per token, far above natural speech; 1000 codes = 25 s is the reference's own cap.
+SPEECH_MAX_CODES = 1000
+SPEECH_CODES_BASE = 30
+SPEECH_CODES_PER_TEXT_TOKEN = 15
+
+
+def _never() -> bool:
+    return False
+
+
+class LockedTokenizer:
+    """A Hugging Face tokenizer whose calls are serialised: concurrent `encode` calls on one fast tokenizer
+    can fail with 'Already borrowed' because encoding reconfigures the Rust tokenizer's state."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self._lock = threading.Lock()
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        with self._lock:
+            return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: list[int], **kwargs: Any) -> str:
+        with self._lock:
+            return self._tok.decode(ids, **kwargs)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a single (special) token, or None if the vocabulary lacks it."""
+        with self._lock:
+            tid = self._tok.convert_tokens_to_ids(token)
+            unknown = tid is not None and tid == self._tok.unk_token_id and token != self._tok.unk_token
+        return None if tid is None or unknown else int(tid)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._tok.eos_token_id
+
+
+def _check_int(value: Any, name: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not lo <= value <= hi:
+        raise InvalidInput(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
+    return int(value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Vision
+
+
+class VisionEngine:
+    """Images -> LLM embedding rows: (n_tiles·256, H) float32 per image.
+
+    `max_forward_tiles` bounds one forward's batch (memory): more tiles are run in consecutive chunks of
+    that size, which gives the same rows.
+    """
+
+    def __init__(self, checkpoint: CheckpointDir, *, dtype: str = "float32", device: str = "cpu",
+                 max_pixels: int = DEFAULT_MAX_PIXELS, max_forward_tiles: int = 64) -> None:
+        self.model = checkpoint.load_vision(dtype, device)
+        self.hidden_size = checkpoint.config.vision.llm_hidden_size
+        self.max_pixels = max_pixels
+        self.max_forward_tiles = max_forward_tiles
+
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """Decode and tile one image: float32 pixel values (n_tiles, 3, 448, 448). Raises InvalidInput for
+        bad bytes, too many pixels or max_tiles outside 1..12."""
+        if not isinstance(image, ImageInput):
+            raise InvalidInput(f"expected an ImageInput, got {type(image).__name__}")
+        max_tiles = _check_int(image.max_tiles, "max_tiles", 1, MAX_IMAGE_TILES)
+        if not isinstance(image.data, (bytes, bytearray, memoryview)):
+            raise InvalidInput(f"image data must be bytes, got {type(image.data).__name__}")
+        img = decode_image(bytes(image.data), max_pixels=self.max_pixels)
+        return tiles_to_pixel_values(dynamic_preprocess(img, min_num=1, max_num=max_tiles))
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        """All tiles of all images through the encoder together; split back per image."""
+        if not pixel_values:
+            return []
+        tiles = torch.cat(list(pixel_values))
+        rows = [self.model(tiles[i:i + self.max_forward_tiles])
+                for i in range(0, tiles.shape[0], self.max_forward_tiles)]
+        flat = torch.cat(rows).float().cpu().numpy()  # (total_tiles, 256, H)
+        out, start = [], 0
+        for pv in pixel_values:
+            n = pv.shape[0]
+            out.append(np.ascontiguousarray(flat[start:start + n].reshape(n * TOKENS_PER_TILE, -1)))
+            start += n
+        return out
+
+    def encode(self, images: Sequence[ImageInput]) -> list[np.ndarray]:
+        return self.forward([self.preprocess(image) for image in images])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Audio
+
+
+class AudioEngine:
+    """16 kHz mono PCM -> (n_tokens, H) float32 rows for one `<audio>` placeholder (12.5 per second)."""
+
+    def __init__(self, checkpoint: CheckpointDir, *, dtype: str = "float32", device: str = "cpu",
+                 max_seconds: float = 60.0) -> None:
+        self.model = checkpoint.load_audio(dtype, device)
+        self.device = torch.device(device)
+        self.hidden_size = checkpoint.config.audio.llm_hidden_size
+        self.max_seconds = max_seconds
+
+    def preprocess(self, pcm: np.ndarray) -> torch.Tensor:
+        """Validate one waveform and compute its fbank (T, 80). Raises InvalidInput for a wrong shape or
+        dtype, NaN/inf samples, or a duration outside 85 ms .. max_seconds."""
+        wave = np.asarray(pcm)
+        if not np.issubdtype(wave.dtype, np.floating):
+            raise InvalidInput(f"PCM must be floating point in [-1, 1), got dtype {wave.dtype}")
+        if wave.ndim != 1:
+            raise InvalidInput(f"PCM must be 1-D mono at 16 kHz, got shape {wave.shape}")
+        validate_waveform(wave, max_seconds=self.max_seconds)
+        return kaldi_fbank(wave.astype(np.float32, copy=False))
+
+    @torch.inference_mode()
+    def forward(self, feats: Sequence[torch.Tensor]) -> list[np.ndarray]:
+        """Pad the fbanks into one batch with lengths, run it once, slice each item's valid rows."""
+        if not feats:
+            return []
+        lengths = torch.tensor([f.shape[0] for f in feats], dtype=torch.int64)
+        batch = torch.zeros(len(feats), int(lengths.max()), feats[0].shape[1], dtype=torch.float32)
+        for i, f in enumerate(feats):
+            batch[i, :f.shape[0]] = f
+        embeds, n_tokens = self.model(batch.to(self.device), lengths.to(self.device))
+        embeds = embeds.float().cpu().numpy()
+        return [np.ascontiguousarray(embeds[i, :int(n)]) for i, n in enumerate(n_tokens.tolist())]
+
+    def encode(self, pcms: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return self.forward([self.preprocess(pcm) for pcm in pcms])
+
+
+# ---------------------------------------------------------------------------------------------------
+# LLM
+
+
+def check_generation_params(params: GenerationParams) -> GenerationParams:
+    """Raise InvalidInput unless max_tokens is in 1..8192, temperature >= 0, 0 < top_p <= 1, top_k >= 0
+    and seed is None or a 64-bit integer."""
+    if not isinstance(params, GenerationParams):
+        raise InvalidInput(f"expected GenerationParams, got {type(params).__name__}")
+    _check_int(params.max_tokens, "max_tokens", 1, MAX_GENERATION_TOKENS)
+    t, p = params.temperature, params.top_p
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        raise InvalidInput(f"temperature must be a finite number >= 0, got {t!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+        raise InvalidInput(f"top_p must be in (0, 1], got {p!r}")
+    _check_int(params.top_k, "top_k", 0, 2**31 - 1)
+    if params.seed is not None:
+        _check_int(params.seed, "seed", -(2**63), 2**63 - 1)
+    return params
+
+
+class LLMEngine:
+    """Streamed generation for one ChatML prompt with its media rows spliced into the placeholders."""
+
+    def __init__(self, checkpoint: CheckpointDir, *, dtype: str = "float32", device: str = "cpu") -> None:
+        self.model = checkpoint.load_llm(dtype, device)
+        self.tokenizer = LockedTokenizer(checkpoint.tokenizer())
+        self.hidden_size = int(self.model.config.hidden_size)
+        self.stop_ids = self._stop_ids(checkpoint.raw_config)
+
+    def _stop_ids(self, raw_config: dict[str, Any]) -> frozenset[int]:
+        """`<|im_end|>` (the end of a ChatML turn), `<|endoftext|>`, and the tokenizer's and config's eos."""
+        ids = {self.tokenizer.token_id(IM_END), self.tokenizer.token_id(ENDOFTEXT), self.tokenizer.eos_token_id}
+        eos = raw_config.get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos])
+        return frozenset(int(i) for i in ids if i is not None)
+
+    def generate(self, prompt: str, media: Sequence[np.ndarray], params: GenerationParams,
+                 is_cancelled: IsCancelled = _never) -> Iterator[TokenDelta]:
+        """Validate and prepare (raising InvalidInput at once), then return the stream of deltas.
+
+        `media[k]` fills the k-th placeholder of `prompt`: 256 rows for `<image>`, at least one for
+        `<audio>`, each (rows, H). The last delta has `finish_reason` "stop", "length" or "cancelled" and
+        carries no token; `is_cancelled()` is polled before every token.
+        """
+        check_generation_params(params)
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidInput("prompt must be a non-empty string")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise InvalidInput(f"prompt is too long: {len(prompt)} characters, at most {MAX_PROMPT_CHARS}")
+        ids = tokenize_with_placeholders(self.tokenizer, prompt)
+        images, audios = self._check_media(ids, media)
+        embeds = self.model.splice_embeddings(ids, images, audios)
+        tokens = self.model.generate_stream(
+            embeds, max_new_tokens=params.max_tokens, temperature=float(params.temperature),
+            top_k=int(params.top_k), top_p=float(params.top_p), seed=params.seed, stop_ids=self.stop_ids,
+        )
+        return self._deltas(tokens, is_cancelled)
+
+    def _check_media(self, ids: list[int], media: Sequence[np.ndarray]
+                     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        kinds = ["<image>" if i == IMAGE_TOKEN_ID else "<audio>" for i in ids
+                 if i in (IMAGE_TOKEN_ID, AUDIO_TOKEN_ID)]
+        media = list(media)
+        if len(media) != len(kinds):
+            raise InvalidInput(f"the prompt has {len(kinds)} media placeholder(s) ({', '.join(kinds) or 'none'}) "
+                               f"but {len(media)} media array(s) were given")
+        images, audios = [], []
+        for k, (kind, rows) in enumerate(zip(kinds, media)):
+            arr = np.asarray(rows)
+            if arr.ndim != 2 or arr.shape[1] != self.hidden_size or not np.issubdtype(arr.dtype, np.floating):
+                raise InvalidInput(f"media[{k}] (for {kind}) must be a float (rows, {self.hidden_size}) array, "
+                                   f"got {arr.dtype} {arr.shape}")
+            if kind == "<image>" and arr.shape[0] != TOKENS_PER_TILE:
+                raise InvalidInput(f"media[{k}] fills an <image> placeholder and must have {TOKENS_PER_TILE} "
+                                   f"rows (one tile), got {arr.shape[0]}")
+            if arr.shape[0] == 0:
+                raise InvalidInput(f"media[{k}] (for {kind}) has no rows")
+            (images if kind == "<image>" else audios).append(torch.from_numpy(arr.astype(np.float32)))
+        return (torch.stack(images) if images else None), audios
+
+    def _deltas(self, tokens: TokenStream, is_cancelled: IsCancelled) -> Iterator[TokenDelta]:
+        detok = StreamDetokenizer(self.tokenizer)
+        finish = None
+        try:
+            while True:
+                if is_cancelled():
+                    finish = "cancelled"
+                    break
+                try:
+                    token = next(tokens)
+                except StopIteration:
+                    finish = tokens.state.finish_reason or "stop"
+                    break
+                yield TokenDelta(int(token), detok.push(int(token)))
+        finally:
+            tokens.close()
+        yield TokenDelta(None, detok.flush(), finish_reason=finish)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Speech
+
+
+def speech_code_limit(n_text_tokens: int) -> int:
+    """The safety bound on speech codes for a segment of `n_text_tokens` (see SPEECH_MAX_CODES)."""
+    return min(SPEECH_MAX_CODES, SPEECH_CODES_BASE + SPEECH_CODES_PER_TEXT_TOKEN * n_text_tokens)
+
+
+class SpeechEngine:
+    """A text segment -> streamed 24 kHz float32 PCM chunks (the reference's speech decoder + codec)."""
+
+    def __init__(self, checkpoint: CheckpointDir, *, dtype: str = "float32", device: str = "cpu") -> None:
+        self.tokenizer = LockedTokenizer(checkpoint.tokenizer())
+        self.embeddings = checkpoint.load_embedding_table(dtype, device)
+        self.decoder = checkpoint.load_speech_decoder(dtype, device)
+        self.codec = checkpoint.load_codec(dtype, device)
+        self.device = torch.device(device)
+        self.sample_rate = SPEECH_SAMPLE_RATE
+        self.samples_per_code = self.codec.cfg.samples_per_token
+
+    def synthesize(self, text: str, first_sentence: bool = False, seed: int | None = None,
+                   is_cancelled: IsCancelled = _never, *, greedy: bool = False) -> Iterator[np.ndarray]:
+        """Validate (raising InvalidInput at once), then return the stream of PCM chunks.
+
+        The state marks are stripped; text that is empty afterwards yields no chunks. Codes are drawn by
+        top-k 2 sampling from a generator seeded with `seed` (or argmax with `greedy`). The first sentence
+        uses the reference's 20-code first chunk, 0.1 join threshold and silence trim; later sentences 40
+        codes and 0.015. `is_cancelled()` is polled before every speech code.
+        """
+        if not isinstance(text, str):
+            raise InvalidInput(f"text must be a string, got {type(text).__name__}")
+        if len(text) > MAX_SPEECH_TEXT_CHARS:
+            raise InvalidInput(f"text is too long for one segment: {len(text)} characters, "
+                               f"at most {MAX_SPEECH_TEXT_CHARS}")
+        if seed is not None:
+            _check_int(seed, "seed", -(2**63), 2**63 - 1)
+        clean = strip_state_marks(text)[0].strip()
+        ids = self.tokenizer.encode(clean, add_special_tokens=False) if clean else []
+        if not ids:
+            return iter(())
+        hidden = self.decoder.text_to_hidden(self.embeddings[torch.tensor(ids, device=self.embeddings.device)])
+        generator = None
+        if seed is not None and not greedy:
+            # torch.Generator seeds must be non-negative 64-bit values.
+            generator = torch.Generator(device=self.device).manual_seed(int(seed) & (2**64 - 1))
+        codes = self.decoder.generate(hidden, max_tokens=speech_code_limit(len(ids)), top_k=2, greedy=greedy,
+                                      generator=generator)
+        if first_sentence:
+            stream = StreamingDecoder(self.codec, first_chunk=20, first_threshold=0.1, trim_silence=True)
+        else:
+            stream = StreamingDecoder(self.codec, first_chunk=40, first_threshold=0.015, trim_silence=False)
+        return self._chunks(codes, stream, is_cancelled)
+
+    def _chunks(self, codes: Iterator[Any], stream: StreamingDecoder, is_cancelled: IsCancelled
+                ) -> Iterator[np.ndarray]:
+        try:
+            while True:
+                if is_cancelled():
+                    return  # a cancelled segment's remaining audio is dropped, not flushed
+                try:
+                    code = next(codes)
+                except StopIteration:
+                    break
+                yield from stream.push(int(code))
+        finally:
+            close = getattr(codes, "close", None)
+            if close is not None:
+                close()
+        yield from stream.flush()

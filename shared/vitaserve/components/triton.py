@@ -1,0 +1,363 @@
+"""`ComponentClient` over Triton's gRPC API (`tritonclient.grpc.aio`): production and integration tests.
+
+Each component may live on its own Triton deployment (one URL per component) or all on one server (one
+URL). Tensor names and dtypes come from `vitaserve.components.tensors`, shared with the models.
+
+- Unary calls (`encode_images`, `encode_audio`) carry a gRPC deadline of `timeout_s`. Several images are
+  sent as concurrent one-image requests, which Triton's dynamic batcher groups into one `execute()`.
+- Streams (`generate`, `synthesize`) send one request per gRPC stream. Closing the async iterator or
+  cancelling the task that iterates it cancels the gRPC call; Triton then reports the request cancelled
+  to the model, whose `is_cancelled()` turns true within milliseconds (shared/TRITON.md §5).
+  The first response must arrive within `first_response_timeout_s`, the whole stream within
+  `stream_timeout_s`.
+- Errors become `VitaserveError`s: a model's own errors keep their class (the code travels in the message,
+  see `tensors.format_error`); otherwise connection refused, deadlines and unloaded models ->
+  `Unavailable`, Triton's INVALID_ARGUMENT -> `InvalidInput` with Triton's message, anything else ->
+  `VitaserveError`.
+
+gRPC aio channels belong to the event loop that creates them, so clients are created lazily inside the
+first coroutine that needs them; using the object from another event loop later creates fresh channels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from contextlib import aclosing
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from vitaserve.components.base import (
+    COMPONENTS,
+    ComponentClient,
+    GenerationParams,
+    Health,
+    ImageInput,
+    SpeechChunk,
+    TokenDelta,
+)
+from vitaserve.components.tensors import (
+    AUDIO_ENCODER,
+    LLM_DECODER,
+    MODELS,
+    NO_TOKEN,
+    SPEECH_SYNTH,
+    VISION_ENCODER,
+    ModelSpec,
+    pack_media,
+    parse_error,
+)
+from vitaserve.errors import (
+    Cancelled,
+    FailedPrecondition,
+    InvalidInput,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    VitaserveError,
+)
+
+T = TypeVar("T")
+
+# gRPC status (of Triton's answer, or of the call itself) -> error class, when the model sent no code.
+_STATUS_ERRORS: dict[str, type[VitaserveError]] = {
+    "INVALID_ARGUMENT": InvalidInput,
+    "UNAVAILABLE": Unavailable,
+    "DEADLINE_EXCEEDED": Unavailable,
+    "RESOURCE_EXHAUSTED": ResourceExhausted,
+    "CANCELLED": Cancelled,
+    "UNAUTHENTICATED": Unauthenticated,
+    "FAILED_PRECONDITION": FailedPrecondition,
+}
+_INT32 = (-(2**31), 2**31 - 1)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+class TritonComponents(ComponentClient):
+    """The components as Triton models reached over gRPC.
+
+    urls: `host:port` of one Triton serving every component, or a mapping component -> `host:port`
+        naming at least every component in `components`.
+    components: the components this client serves (default: all four); calls to others raise
+        `Unavailable`, and `health()` reports only these.
+    timeout_s: deadline of unary calls and of readiness checks beyond `health_timeout_s`.
+    first_response_timeout_s: a stream whose first token/chunk does not arrive in time is cancelled and
+        raises `Unavailable`.
+    stream_timeout_s: deadline of a whole stream.
+    health_timeout_s: deadline of each readiness check (`health()` never takes much longer).
+    """
+
+    def __init__(
+        self,
+        urls: str | Mapping[str, str],
+        *,
+        components: Iterable[str] = COMPONENTS,
+        timeout_s: float = 10.0,
+        first_response_timeout_s: float = 30.0,
+        stream_timeout_s: float = 600.0,
+        health_timeout_s: float = 2.0,
+    ) -> None:
+        self.components = tuple(components)
+        unknown = sorted(set(self.components) - set(COMPONENTS))
+        if unknown:
+            raise ValueError(f"unknown component(s) {unknown}; known: {', '.join(COMPONENTS)}")
+        if isinstance(urls, str):
+            urls = {name: urls for name in self.components}
+        extra = sorted(set(urls) - set(COMPONENTS))
+        missing = [name for name in self.components if not urls.get(name)]
+        if extra or missing:
+            raise ValueError(f"Triton URLs: unknown component(s) {extra}, no URL for {missing}")
+        self.urls = {name: urls[name] for name in self.components}
+        self.timeout_s = timeout_s
+        self.first_response_timeout_s = first_response_timeout_s
+        self.stream_timeout_s = stream_timeout_s
+        self.health_timeout_s = health_timeout_s
+        self._clients: dict[str, grpcclient.InferenceServerClient] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # ---- connections -------------------------------------------------------------------------------
+
+    def _client(self, component: str) -> grpcclient.InferenceServerClient:
+        if component not in self.urls:
+            raise Unavailable(f"component {component!r} is not configured in this client "
+                              f"(configured: {', '.join(self.components)})")
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # channels are bound to the loop that created them
+            self._clients, self._loop = {}, loop
+        url = self.urls[component]
+        if url not in self._clients:
+            self._clients[url] = grpcclient.InferenceServerClient(url)
+        return self._clients[url]
+
+    async def close(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+
+    async def health(self) -> Health:
+        async def ready(component: str) -> bool:
+            try:
+                client = self._client(component)
+                check = client.is_model_ready(MODELS[component].name, client_timeout=self.health_timeout_s)
+                return bool(await asyncio.wait_for(check, self.health_timeout_s + 0.5))
+            except Exception:  # noqa: BLE001 - health never raises: an unreachable component is not ready
+                return False
+
+        results = await asyncio.gather(*(ready(name) for name in self.components))
+        return Health(ready=dict(zip(self.components, results)))
+
+    # ---- unary calls -------------------------------------------------------------------------------
+
+    async def encode_images(self, images: Sequence[ImageInput], *, request_id: str = "") -> list[np.ndarray]:
+        images = list(images)
+        for i, image in enumerate(images):
+            if not isinstance(image, ImageInput) or not isinstance(image.data, (bytes, bytearray)):
+                raise InvalidInput(f"images[{i}] must be an ImageInput holding bytes")
+        calls = []
+        for i, image in enumerate(images):
+            values = {
+                "IMAGE": np.array([[bytes(image.data)]], dtype=np.object_),
+                "MAX_TILES": np.array([[_int(image.max_tiles, "max_tiles", _INT32)]], dtype=np.int32),
+            }
+            rid = f"{request_id}/{i}" if request_id and len(images) > 1 else request_id
+            calls.append(self._infer(VISION_ENCODER, values, rid))
+        results = await _all(calls)
+        return [result.as_numpy("EMBEDDINGS")[0] for result in results]
+
+    async def encode_audio(self, pcm: np.ndarray, *, request_id: str = "") -> np.ndarray:
+        wave = np.asarray(pcm)
+        if wave.ndim != 1 or not np.issubdtype(wave.dtype, np.floating) or wave.size == 0:
+            raise InvalidInput(f"PCM must be a non-empty 1-D float array, got {wave.dtype} {wave.shape}")
+        values = {"PCM": wave.astype(np.float32, copy=False)[None, :]}
+        result = await self._infer(AUDIO_ENCODER, values, request_id)
+        return result.as_numpy("EMBEDDINGS")[0]
+
+    async def _infer(self, spec: ModelSpec, values: dict[str, np.ndarray], request_id: str) -> Any:
+        client = self._client(spec.name)
+        try:
+            call = client.infer(spec.name, _inputs(spec, values), outputs=_outputs(spec), request_id=request_id,
+                                client_timeout=self.timeout_s)
+            # The gRPC deadline bounds the call; the outer bound also covers a stalled channel setup.
+            return await asyncio.wait_for(call, self.timeout_s + 1.0)
+        except InferenceServerException as exc:
+            raise self._error(spec.name, exc.message() or str(exc), exc.status()) from None
+        except asyncio.TimeoutError:
+            raise Unavailable(f"{spec.name} at {self.urls[spec.name]}: no answer within "
+                              f"{self.timeout_s:g} s") from None
+
+    # ---- streams ---------------------------------------------------------------------------------
+
+    async def generate(
+        self,
+        prompt: str,
+        media: Sequence[np.ndarray],
+        params: GenerationParams,
+        *,
+        request_id: str = "",
+        session_id: str = "",
+    ) -> AsyncIterator[TokenDelta]:
+        if not isinstance(prompt, str):
+            raise InvalidInput(f"prompt must be a string, got {type(prompt).__name__}")
+        values = {
+            "PROMPT": np.array([prompt.encode("utf-8")], dtype=np.object_),
+            "MAX_TOKENS": np.array([_int(params.max_tokens, "max_tokens", _INT32)], dtype=np.int32),
+            "TEMPERATURE": np.array([params.temperature], dtype=np.float32),
+            "TOP_P": np.array([params.top_p], dtype=np.float32),
+            "TOP_K": np.array([_int(params.top_k, "top_k", _INT32)], dtype=np.int32),
+        }
+        if params.seed is not None:
+            values["SEED"] = np.array([_int(params.seed, "seed", _INT64)], dtype=np.int64)
+        if session_id:
+            values["SESSION_ID"] = np.array([session_id.encode("utf-8")], dtype=np.object_)
+        values.update(pack_media(media))
+        # aclosing: leaving this generator (aclose, cancel, the end) closes the stream at once, not at GC.
+        async with aclosing(self._stream(LLM_DECODER, values, request_id)) as results:
+            async for result in results:
+                token = int(result.as_numpy("TOKEN_ID")[0])
+                finish = result.as_numpy("FINISH_REASON")[0].decode("utf-8") or None
+                delta = TokenDelta(None if token == NO_TOKEN else token, result.as_numpy("TEXT")[0].decode(), finish)
+                if finish is None:
+                    yield delta
+                    continue
+                # Read the stream to its end before handing out the last delta (callers often stop there).
+                # Cancelling a gRPC stream whose request the model has already finished makes Triton 2.51
+                # keep that request forever: the model then never unloads (the server's exit times out).
+                await _drain(results, self.timeout_s)
+                yield delta
+                return
+
+    async def synthesize(
+        self, text: str, *, first_sentence: bool = False, seed: int | None = None, request_id: str = ""
+    ) -> AsyncIterator[SpeechChunk]:
+        if not isinstance(text, str):
+            raise InvalidInput(f"text must be a string, got {type(text).__name__}")
+        values = {
+            "TEXT": np.array([text.encode("utf-8")], dtype=np.object_),
+            "FIRST_SENTENCE": np.array([bool(first_sentence)], dtype=np.bool_),
+        }
+        if seed is not None:
+            values["SEED"] = np.array([_int(seed, "seed", _INT64)], dtype=np.int64)
+        async with aclosing(self._stream(SPEECH_SYNTH, values, request_id)) as results:
+            async for result in results:
+                pcm = result.as_numpy("PCM").astype(np.float32, copy=False)
+                yield SpeechChunk(pcm=pcm, sample_rate=int(result.as_numpy("SAMPLE_RATE")[0]))
+
+    async def _stream(self, spec: ModelSpec, values: dict[str, np.ndarray], request_id: str
+                      ) -> AsyncIterator[Any]:
+        """One request on its own gRPC stream; yields the results until the model closes the request.
+        Leaving early (aclose, task cancel, an error) cancels the gRPC call."""
+        client = self._client(spec.name)
+        request = {"model_name": spec.name, "inputs": _inputs(spec, values), "outputs": _outputs(spec),
+                   "request_id": request_id}
+        try:
+            responses = client.stream_infer(_single(request), stream_timeout=self.stream_timeout_s)
+        except InferenceServerException as exc:
+            raise self._error(spec.name, exc.message() or str(exc), exc.status()) from None
+        first = True
+        try:
+            while True:
+                try:
+                    step = responses.__anext__()
+                    if first:
+                        result, error = await asyncio.wait_for(step, self.first_response_timeout_s)
+                    else:
+                        result, error = await step
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise Unavailable(f"{spec.name} at {self.urls[spec.name]}: no response within "
+                                      f"{self.first_response_timeout_s:g} s") from None
+                except grpc.RpcError as exc:
+                    raise self._error(spec.name, _rpc_details(exc), f"StatusCode.{_rpc_code(exc)}") from None
+                if error is not None:
+                    # The model sends its error with the final flag; let the stream end rather than
+                    # cancel it (see `generate`).
+                    await _drain(responses, self.timeout_s)
+                    raise self._error(spec.name, error.message() or str(error), error.status())
+                first = False
+                yield result
+        finally:
+            responses.cancel()  # a no-op once the call has finished
+
+    # ---- errors ----------------------------------------------------------------------------------
+
+    def _error(self, component: str, message: str, status: str | None) -> VitaserveError:
+        """Map Triton's answer to a VitaserveError (see the module docstring)."""
+        parsed = parse_error(message)
+        if parsed is not None:
+            return parsed
+        code = (status or "").rsplit(".", 1)[-1]
+        where = f"{component} at {self.urls.get(component, '?')}"
+        if code == "NOT_FOUND" or "unknown model" in message.lower():
+            return Unavailable(f"{where}: the model is not loaded ({message})")
+        if code == "INVALID_ARGUMENT":
+            return InvalidInput(message)
+        if code == "DEADLINE_EXCEEDED":
+            return Unavailable(f"{where}: deadline exceeded ({message})")
+        return _STATUS_ERRORS.get(code, VitaserveError)(f"{where}: {message}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Request building
+
+
+def _int(value: Any, name: str, bounds: tuple[int, int]) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not bounds[0] <= value <= bounds[1]:
+        raise InvalidInput(f"{name} must be an integer in [{bounds[0]}, {bounds[1]}], got {value!r}")
+    return int(value)
+
+
+def _inputs(spec: ModelSpec, values: dict[str, np.ndarray]) -> list[grpcclient.InferInput]:
+    tensors = []
+    for name, value in values.items():
+        tensor = grpcclient.InferInput(name, list(value.shape), spec.input(name).dtype)
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    return tensors
+
+
+def _outputs(spec: ModelSpec) -> list[grpcclient.InferRequestedOutput]:
+    return [grpcclient.InferRequestedOutput(out.name) for out in spec.outputs]
+
+
+async def _single(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    yield request
+
+
+def _rpc_code(exc: grpc.RpcError) -> str:
+    code = exc.code() if hasattr(exc, "code") else None
+    return code.name if code is not None else "UNKNOWN"
+
+
+def _rpc_details(exc: grpc.RpcError) -> str:
+    return (exc.details() if hasattr(exc, "details") else None) or str(exc)
+
+
+async def _drain(results: AsyncIterator[Any], timeout_s: float) -> None:
+    """Consume what is left of a stream whose request is complete (nothing, normally), for at most
+    `timeout_s`; errors are ignored (the caller reports the first one)."""
+
+    async def rest() -> None:
+        async for _ in results:
+            pass
+
+    try:
+        await asyncio.wait_for(rest(), timeout_s)
+    except (asyncio.TimeoutError, grpc.RpcError):
+        pass  # the caller cancels the call on its way out
+
+
+async def _all(calls: Sequence[Awaitable[T]]) -> list[T]:
+    """Await all calls concurrently; on the first error (or cancellation) cancel the rest and raise."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

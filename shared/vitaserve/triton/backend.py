@@ -1,0 +1,252 @@
+"""What the Python-backend adapters (`services/triton/model_repository/*/1/model.py`) share.
+
+These helpers run inside Triton's Python stub: the functions that build responses import
+`triton_python_backend_utils`, which exists only there. They keep every `model.py` a thin adapter:
+
+- `load_settings(args, spec)`: check the loaded config against the model's `ModelSpec` (a mismatch fails
+  the load) and read the `parameters` (checkpoint_dir, dtype, device, max_streams);
+- `RequestInputs`: typed access to a request's tensors, raising `InvalidInput` for bad values;
+- `execute_batched(...)`: one engine call for all requests of an `execute()`, one answer per request;
+- `StreamWorkers`: serve decoupled requests on worker threads, stop on cancellation, always send the
+  final flag, log one line per request;
+- `error_response(exc)`: a `TritonError` whose code and message carry the `VitaserveError`.
+
+Parameters (config.pbtxt `parameters`, all strings):
+    checkpoint_dir  checkpoint directory; empty = the VITASERVE_CHECKPOINT_DIR environment variable
+    dtype           float32 (default) | bfloat16 | float16
+    device          cpu (default) | cuda (the instance's GPU under KIND_GPU) | cuda:N
+    max_streams     decoupled models: streams one instance serves at once (default 1)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from vitaserve.components.tensors import ModelSpec, format_error
+from vitaserve.errors import InvalidInput, Unavailable, VitaserveError
+
+ENV_CHECKPOINT_DIR = "VITASERVE_CHECKPOINT_DIR"
+
+# VitaserveError.code -> the TritonError code the 2.51 Python backend supports (it has no
+# RESOURCE_EXHAUSTED or FAILED_PRECONDITION; the exact code still travels in the message).
+_TRITON_CODES = {
+    "INVALID_ARGUMENT": "INVALID_ARG",
+    "NOT_FOUND": "NOT_FOUND",
+    "UNAVAILABLE": "UNAVAILABLE",
+    "RESOURCE_EXHAUSTED": "UNAVAILABLE",
+    "CANCELLED": "CANCELLED",
+}
+
+
+def _pb() -> Any:
+    import triton_python_backend_utils as pb_utils  # only importable inside the Triton stub
+
+    return pb_utils
+
+
+# ---------------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    checkpoint_dir: str
+    dtype: str
+    device: str
+    max_streams: int
+
+
+def load_settings(args: dict[str, str], spec: ModelSpec) -> ModelSettings:
+    """Validate the model config Triton loaded against `spec` and read its parameters (see the module
+    docstring). Raises RuntimeError with every problem, so the load fails with a clear message."""
+    config = json.loads(args["model_config"])
+    spec.check_config(config)
+    params = {key: str(value.get("string_value", "")) for key, value in config.get("parameters", {}).items()}
+    checkpoint_dir = params.get("checkpoint_dir") or os.environ.get(ENV_CHECKPOINT_DIR, "")
+    if not checkpoint_dir:
+        raise RuntimeError(f"model {spec.name!r}: parameter checkpoint_dir is empty and "
+                           f"{ENV_CHECKPOINT_DIR} is not set")
+    device = params.get("device") or "cpu"
+    if device == "cuda" and args.get("model_instance_kind") == "GPU":
+        device = f"cuda:{args.get('model_instance_device_id', '0')}"
+    try:
+        max_streams = int(params.get("max_streams") or 1)
+    except ValueError:
+        raise RuntimeError(f"model {spec.name!r}: max_streams must be an integer, "
+                           f"got {params.get('max_streams')!r}") from None
+    if max_streams < 1:
+        raise RuntimeError(f"model {spec.name!r}: max_streams must be >= 1, got {max_streams}")
+    return ModelSettings(checkpoint_dir, params.get("dtype") or "float32", device, max_streams)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Requests and errors
+
+
+class RequestInputs:
+    """A request's input tensors. `batched`: the model has a batch dimension and takes one item per
+    request, so each tensor must have batch size 1 and is returned without it."""
+
+    def __init__(self, request: Any, *, batched: bool = False) -> None:
+        self._request = request
+        self._batched = batched
+
+    def array(self, name: str) -> np.ndarray | None:
+        tensor = _pb().get_input_tensor_by_name(self._request, name)
+        if tensor is None:
+            return None
+        value = tensor.as_numpy()
+        if self._batched:
+            if value.shape[0] != 1:
+                raise InvalidInput(f"send one item per request: {name} has a batch of {value.shape[0]}")
+            value = value[0]
+        return value
+
+    def scalar(self, name: str, default: Any = ...) -> Any:
+        value = self.array(name)
+        if value is None:
+            if default is ...:
+                raise InvalidInput(f"input {name} is missing")
+            return default
+        if value.size != 1:
+            raise InvalidInput(f"input {name} must hold one value, got shape {list(value.shape)}")
+        item = value.reshape(-1)[0]
+        return item.item() if isinstance(item, np.generic) else item
+
+    def text(self, name: str) -> str:
+        raw = self.scalar(name)
+        try:
+            return raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"input {name} is not valid UTF-8: {exc}") from None
+
+    @property
+    def request_id(self) -> str:
+        return self._request.request_id()
+
+
+def as_vitaserve_error(exc: BaseException, model: str) -> VitaserveError:
+    """`exc` itself if it is a VitaserveError; otherwise an internal error, logged with its traceback."""
+    if isinstance(exc, VitaserveError):
+        return exc
+    _pb().Logger.log_error(f"{model}: unexpected error\n{''.join(traceback.format_exception(exc))}")
+    return VitaserveError(f"{model} failed: {type(exc).__name__}: {exc}")
+
+
+def error_response(exc: BaseException, model: str) -> Any:
+    """An InferenceResponse carrying `exc` as a TritonError (message = `format_error`)."""
+    pb = _pb()
+    err = as_vitaserve_error(exc, model)
+    code = getattr(pb.TritonError, _TRITON_CODES.get(err.code, "INTERNAL"))
+    return pb.InferenceResponse(error=pb.TritonError(format_error(err), code))
+
+
+def tensor(name: str, value: np.ndarray) -> Any:
+    return _pb().Tensor(name, value)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Batched models
+
+
+def execute_batched(requests: Sequence[Any], model: str, parse: Callable[[RequestInputs], Any],
+                    forward: Callable[[list[Any]], list[np.ndarray]], output: str) -> list[Any]:
+    """Answer each request of one `execute()`: `parse` each (a bad one gets its error), run `forward` once
+    on all parsed items, and return `output` = result[None] (batch of one) per request."""
+    pb = _pb()
+    responses: list[Any] = [None] * len(requests)
+    items, owners = [], []
+    for i, request in enumerate(requests):
+        try:
+            items.append(parse(RequestInputs(request, batched=True)))
+            owners.append(i)
+        except Exception as exc:  # noqa: BLE001 - every request gets an answer
+            responses[i] = error_response(exc, model)
+    if items:
+        try:
+            results = forward(items)
+        except Exception as exc:  # noqa: BLE001
+            failed = error_response(exc, model)
+            results = None
+            for i in owners:
+                responses[i] = failed
+        if results is not None:
+            for i, result in zip(owners, results):
+                responses[i] = pb.InferenceResponse(output_tensors=[pb.Tensor(output, result[None])])
+    return responses
+
+
+# ---------------------------------------------------------------------------------------------------
+# Decoupled models
+
+
+class StreamWorkers:
+    """Serve decoupled requests on up to `max_streams` worker threads, so `execute()` returns at once and
+    one long stream does not hold back the others.
+
+    `serve(inputs, is_cancelled)` yields the InferenceResponses of one request; `is_cancelled()` is true
+    once the client cancelled the request or the model is unloading. Responses stop at cancellation, an
+    error becomes the request's last response, and the final flag is always sent. One log line per
+    request records its id, responses sent, outcome and duration.
+    """
+
+    def __init__(self, model: str, max_streams: int) -> None:
+        self.model = model
+        self._pool = ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix=f"{model}-stream")
+        self._stopping = threading.Event()
+
+    def submit(self, request: Any, serve: Callable[[RequestInputs, Callable[[], bool]], Iterator[Any]]) -> None:
+        sender = request.get_response_sender()
+        self._pool.submit(self._run, request, sender, serve)
+
+    def _run(self, request: Any, sender: Any, serve: Callable[..., Iterator[Any]]) -> None:
+        pb = _pb()
+        started = time.monotonic()
+        sent, outcome, last = 0, "done", None
+
+        def is_cancelled() -> bool:
+            return self._stopping.is_set() or sender.is_cancelled()
+
+        try:
+            if self._stopping.is_set():
+                raise Unavailable(f"model {self.model} is unloading")
+            with closing(serve(RequestInputs(request), is_cancelled)) as responses:
+                for response in responses:
+                    if is_cancelled():
+                        break
+                    sender.send(response)
+                    sent += 1
+            if is_cancelled():
+                outcome = "cancelled"
+        except Exception as exc:  # noqa: BLE001 - every request gets an answer
+            err = as_vitaserve_error(exc, self.model)
+            last, outcome = error_response(err, self.model), f"error {err.code}"
+            # Break the cycle err -> traceback -> this frame -> err: it would keep the request (referenced
+            # by the traceback's frames) alive until a GC pass, and Triton cannot unload the model while
+            # a request lives.
+            err = None
+        finally:
+            flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+            try:
+                sender.send(last, flags=flags) if last is not None else sender.send(flags=flags)
+            except Exception as exc:  # noqa: BLE001 - the request may already be gone (server stopping)
+                pb.Logger.log_warn(f"{self.model}: could not close request {request.request_id()!r}: {exc}")
+            pb.Logger.log_info(f"{self.model} request_id={request.request_id()!r} responses={sent} "
+                               f"outcome={outcome} seconds={time.monotonic() - started:.3f}")
+
+    def shutdown(self) -> None:
+        """Cancel running streams (they end after their current step), answer queued ones with
+        UNAVAILABLE, and wait for the threads."""
+        self._stopping.set()
+        self._pool.shutdown(wait=True)

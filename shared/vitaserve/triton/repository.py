@@ -1,0 +1,151 @@
+"""Render the Triton model repository of a deployment from the tensor specs.
+
+Every `config.pbtxt` is generated from `vitaserve.components.tensors` (names, dtypes, dims, batching,
+decoupled) plus the deployment's choices: instance kind (KIND_CPU here, KIND_GPU on GPU pods), instances
+per model, checkpoint directory and dtype. The `1/model.py` adapters are copied from the checked-in
+repository (`services/triton/model_repository`), which is itself `render_repository` with the defaults
+(a test keeps the two identical).
+
+    python -m vitaserve.triton.repository --out DIR [--kind gpu] [--instances 2] \\
+        [--checkpoint-dir /models/VITA-1.5] [--dtype bfloat16] [--models llm_decoder,speech_synth]
+
+Re-render the checked-in repository after changing a spec:
+    python -m vitaserve.triton.repository --out services/triton/model_repository
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from vitaserve.components.tensors import MODELS, ModelSpec, TensorSpec
+
+CHECKED_IN = Path(__file__).resolve().parents[3] / "services" / "triton" / "model_repository"
+KINDS = {"cpu": ("KIND_CPU", "cpu"), "gpu": ("KIND_GPU", "cuda")}
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_MAX_STREAMS = 4
+
+
+def render_config(spec: ModelSpec, *, checkpoint_dir: str = "", dtype: str = "float32", kind: str = "cpu",
+                  instances: int = 1, max_streams: int = DEFAULT_MAX_STREAMS) -> str:
+    """The config.pbtxt text of one model."""
+    kind_name, device = KINDS[kind]
+    lines = [
+        f"# Rendered by vitaserve.triton.repository from vitaserve.components.tensors ({spec.name}).",
+        "# Change the spec or the deployment options and re-render; do not edit by hand.",
+        f'name: "{spec.name}"',
+        'backend: "python"',
+        f"max_batch_size: {spec.max_batch_size}",
+        "input [",
+        ",\n".join(_tensor(t, is_input=True) for t in spec.inputs),
+        "]",
+        "output [",
+        ",\n".join(_tensor(t, is_input=False) for t in spec.outputs),
+        "]",
+    ]
+    if spec.decoupled:
+        lines.append("model_transaction_policy { decoupled: true }")
+    if spec.batched:
+        lines += [
+            "dynamic_batching {",
+            f"  preferred_batch_size: [ {', '.join(str(n) for n in spec.preferred_batch_sizes)} ]",
+            f"  max_queue_delay_microseconds: {spec.max_queue_delay_us}",
+            "}",
+        ]
+    lines.append(f"instance_group [ {{ kind: {kind_name}, count: {instances} }} ]")
+    params = {"checkpoint_dir": checkpoint_dir, "dtype": dtype, "device": device}
+    if spec.decoupled:
+        params["max_streams"] = str(max_streams)
+    lines += [f'parameters {{ key: "{key}" value: {{ string_value: "{_escape(value)}" }} }}'
+              for key, value in params.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _tensor(t: TensorSpec, *, is_input: bool) -> str:
+    fields = [f'name: "{t.name}"', f"data_type: {t.config_type}", f"dims: [ {', '.join(map(str, t.dims))} ]"]
+    if is_input and t.optional:
+        fields.append("optional: true")
+    if is_input and t.ragged:
+        fields.append("allow_ragged_batch: true")
+    return f"  {{ {', '.join(fields)} }}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def render_repository(
+    out_dir: str | os.PathLike[str],
+    *,
+    checkpoint_dir: str = "",
+    dtype: str = "float32",
+    kind: str = "cpu",
+    instances: int = 1,
+    models: Iterable[str] | None = None,
+    max_streams: int = DEFAULT_MAX_STREAMS,
+    source: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write `<out_dir>/<model>/config.pbtxt` and `<out_dir>/<model>/1/model.py` for `models` (default:
+    all four) and return `out_dir`.
+
+    checkpoint_dir: baked into every config; empty = read VITASERVE_CHECKPOINT_DIR when the model loads.
+    kind: 'cpu' (KIND_CPU, device cpu) or 'gpu' (KIND_GPU, each instance on its GPU).
+    instances: instances per model (per GPU under KIND_GPU).
+    max_streams: streams one instance of a decoupled model serves at once.
+    source: repository to copy the model.py adapters from (default: the checked-in one).
+    """
+    names = list(MODELS) if models is None else list(models)
+    unknown = sorted(set(names) - set(MODELS))
+    if unknown or not names:
+        raise ValueError(f"unknown or no models {unknown or names}; known: {', '.join(MODELS)}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if instances < 1 or max_streams < 1:
+        raise ValueError(f"instances and max_streams must be >= 1, got {instances} and {max_streams}")
+    src = Path(source) if source is not None else CHECKED_IN
+    out = Path(out_dir)
+    for name in names:
+        adapter = src / name / "1" / "model.py"
+        if not adapter.is_file():
+            raise FileNotFoundError(f"{adapter}: the model adapter to copy is missing")
+        (out / name / "1").mkdir(parents=True, exist_ok=True)
+        config = render_config(MODELS[name], checkpoint_dir=checkpoint_dir, dtype=dtype, kind=kind,
+                               instances=instances, max_streams=max_streams)
+        (out / name / "config.pbtxt").write_text(config)
+        target = out / name / "1" / "model.py"
+        if not (target.exists() and target.samefile(adapter)):
+            shutil.copyfile(adapter, target)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vitaserve.triton.repository",
+                                     description="Render the vitaserve Triton model repository for a deployment.")
+    parser.add_argument("--out", required=True, help="output directory (created if missing)")
+    parser.add_argument("--checkpoint-dir", default="", help="baked in; empty = $VITASERVE_CHECKPOINT_DIR")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES)
+    parser.add_argument("--kind", default="cpu", choices=sorted(KINDS))
+    parser.add_argument("--instances", type=int, default=1, help="instances per model (per GPU for gpu)")
+    parser.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS,
+                        help="concurrent streams per instance of the decoupled models")
+    parser.add_argument("--models", default=None, help="comma-separated subset (default: all four)")
+    args = parser.parse_args(argv)
+    models = None if args.models is None else [m.strip() for m in args.models.split(",") if m.strip()]
+    try:
+        out = render_repository(args.out, checkpoint_dir=args.checkpoint_dir, dtype=args.dtype, kind=args.kind,
+                                instances=args.instances, models=models, max_streams=args.max_streams)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

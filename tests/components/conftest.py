@@ -1,0 +1,61 @@
+"""Fixtures of the component tests: the four engines on the tiny golden checkpoint (built once per
+session and shared by the unit and integration tests), golden media, and a prompt builder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from vitaserve.models.audio import decode_audio, to_mono_16k
+from vitaserve.models.checkpoint import CheckpointDir
+from vitaserve.models.prompt import build_prompt
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tiny_checkpoint: Path) -> CheckpointDir:
+    return CheckpointDir(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def engines(checkpoint: CheckpointDir) -> dict[str, Any]:
+    from vitaserve.components.engines import AudioEngine, LLMEngine, SpeechEngine, VisionEngine
+
+    return {
+        "vision_encoder": VisionEngine(checkpoint),
+        "audio_encoder": AudioEngine(checkpoint),
+        "llm_decoder": LLMEngine(checkpoint),
+        "speech_synth": SpeechEngine(checkpoint),
+    }
+
+
+@pytest.fixture(scope="session")
+def images(golden_dir: Path) -> dict[str, bytes]:
+    """Golden PNGs: 'wide' 800x600, 'tall' 300x1200, 'square' 448x448."""
+    return {
+        "wide": (golden_dir / "image0_800x600.png").read_bytes(),
+        "tall": (golden_dir / "image1_300x1200.png").read_bytes(),
+        "square": (golden_dir / "image2_448x448.png").read_bytes(),
+    }
+
+
+@pytest.fixture(scope="session")
+def speech_pcm(golden_dir: Path) -> np.ndarray:
+    """2.3 s of 16 kHz mono speech."""
+    samples, rate = decode_audio((golden_dir / "audio_16k_2.3s.wav").read_bytes())
+    return to_mono_16k(samples, rate)
+
+
+@pytest.fixture(scope="session")
+def make_prompt() -> Callable[..., str]:
+    """make_prompt(n_images=1, has_audio=False, text=...): a one-turn ChatML prompt with that many
+    `<image>` placeholders (and `<audio>` if asked)."""
+
+    def make(n_images: int = 1, *, has_audio: bool = False, text: str = "What is in the picture?") -> str:
+        return build_prompt([], text, n_images=n_images, has_audio=has_audio,
+                            media="image" if n_images else None)
+
+    return make

@@ -1,0 +1,158 @@
+"""Unit tests of the wire contract (`components.tensors`) and the repository renderer: the checked-in
+model repository equals the rendered default, configs parse as Triton's protobuf and pass the specs'
+own check, and the GPU variant differs only where it should."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from google.protobuf import json_format, text_format
+from tritonclient.grpc import model_config_pb2
+
+from vitaserve.components.tensors import (
+    LLM_DECODER,
+    MODELS,
+    VISION_ENCODER,
+    format_error,
+    pack_media,
+    parse_error,
+    unpack_media,
+)
+from vitaserve.errors import InvalidInput, ResourceExhausted, Unavailable, VitaserveError
+from vitaserve.triton.repository import CHECKED_IN, render_config, render_repository
+
+pytestmark = pytest.mark.unit
+
+
+def parsed(config_text: str) -> dict[str, Any]:
+    """A config.pbtxt as the JSON dict Triton hands to `initialize` (snake_case keys)."""
+    message = text_format.Parse(config_text, model_config_pb2.ModelConfig())
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+# ---- the checked-in repository ---------------------------------------------------------------------
+
+
+def test_checked_in_repository_equals_the_rendered_default(tmp_path: Path) -> None:
+    render_repository(tmp_path)
+    assert sorted(p.name for p in CHECKED_IN.iterdir() if p.is_dir()) == sorted(MODELS)
+    for name in MODELS:
+        for rel in ("config.pbtxt", "1/model.py"):
+            assert (CHECKED_IN / name / rel).read_text() == (tmp_path / name / rel).read_text(), (
+                f"{name}/{rel} drifted from the specs: run `python -m vitaserve.triton.repository "
+                f"--out services/triton/model_repository`")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_rendered_configs_parse_and_match_their_spec(name: str) -> None:
+    config = parsed((CHECKED_IN / name / "config.pbtxt").read_text())
+    MODELS[name].check_config(config)
+    assert config["name"] == name and config["backend"] == "python"
+    params = {k: v["string_value"] if v else "" for k, v in config["parameters"].items()}
+    assert params.get("checkpoint_dir", "") == "" and params["dtype"] == "float32" and params["device"] == "cpu"
+    assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
+    if MODELS[name].batched:
+        assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "2000"
+    else:
+        assert config["model_transaction_policy"]["decoupled"] is True
+
+
+def test_gpu_rendering(tmp_path: Path) -> None:
+    out = render_repository(tmp_path, kind="gpu", instances=2, checkpoint_dir="/models/VITA-1.5",
+                            dtype="bfloat16", models=["llm_decoder", "vision_encoder"], max_streams=8)
+    assert sorted(p.name for p in out.iterdir()) == ["llm_decoder", "vision_encoder"]
+    llm = parsed((out / "llm_decoder" / "config.pbtxt").read_text())
+    LLM_DECODER.check_config(llm)
+    assert llm["instance_group"] == [{"kind": "KIND_GPU", "count": 2}]
+    params = {k: v["string_value"] for k, v in llm["parameters"].items()}
+    assert params == {"checkpoint_dir": "/models/VITA-1.5", "dtype": "bfloat16", "device": "cuda",
+                      "max_streams": "8"}
+    assert (out / "llm_decoder" / "1" / "model.py").read_text() == (
+        CHECKED_IN / "llm_decoder" / "1" / "model.py").read_text()
+
+
+def test_render_rejects_bad_options(tmp_path: Path) -> None:
+    for kwargs, match in [({"kind": "tpu"}, "kind"), ({"dtype": "int8"}, "dtype"), ({"instances": 0}, ">= 1"),
+                          ({"models": ["nope"]}, "unknown")]:
+        with pytest.raises(ValueError, match=match):
+            render_repository(tmp_path, **kwargs)
+    with pytest.raises(FileNotFoundError, match="model adapter"):
+        render_repository(tmp_path / "out", source=tmp_path / "empty")
+
+
+def test_render_escapes_the_checkpoint_path() -> None:
+    config = parsed(render_config(VISION_ENCODER, checkpoint_dir='/odd "dir"\\x'))
+    assert config["parameters"]["checkpoint_dir"]["string_value"] == '/odd "dir"\\x'
+
+
+def test_cli(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "vitaserve.triton.repository", "--out", str(tmp_path),
+                           "--kind", "gpu", "--models", "speech_synth"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "KIND_GPU" in (tmp_path / "speech_synth" / "config.pbtxt").read_text()
+    bad = subprocess.run([sys.executable, "-m", "vitaserve.triton.repository", "--out", str(tmp_path),
+                          "--models", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown" in bad.stderr
+
+
+# ---- spec checks -----------------------------------------------------------------------------------
+
+
+def test_check_config_names_every_difference() -> None:
+    config = parsed(render_config(LLM_DECODER))
+    config["model_transaction_policy"] = {"decoupled": False}
+    config["input"] = [i for i in config["input"] if i["name"] != "SEED"]
+    config["input"][0]["data_type"] = "TYPE_FP32"
+    config["output"].append({"name": "EXTRA", "data_type": "TYPE_FP32", "dims": ["1"]})
+    with pytest.raises(RuntimeError) as caught:
+        LLM_DECODER.check_config(config)
+    message = str(caught.value)
+    for part in ("decoupled is False, expected True", "input SEED is missing",
+                 "input PROMPT is TYPE_FP32, expected TYPE_STRING", "unexpected output EXTRA"):
+        assert part in message
+
+
+def test_check_config_batching_and_dims() -> None:
+    config = parsed(render_config(VISION_ENCODER))
+    config["max_batch_size"] = 0
+    config["output"][0]["dims"] = ["-1"]
+    with pytest.raises(RuntimeError, match=r"max_batch_size is 0.*EMBEDDINGS has dims \[-1\], expected \[-1, -1\]"):
+        VISION_ENCODER.check_config(config)
+
+
+# ---- media packing and errors ----------------------------------------------------------------------
+
+
+def test_media_round_trip() -> None:
+    media = [np.ones((256, 8), np.float32), np.zeros((3, 8), np.float64), np.full((5, 8), 2, np.float32)]
+    packed = pack_media(media)
+    assert packed["MEDIA_EMBEDS"].shape == (264, 8) and packed["MEDIA_EMBEDS"].dtype == np.float32
+    assert packed["MEDIA_ROWS"].tolist() == [256, 3, 5]
+    for a, b in zip(unpack_media(packed["MEDIA_EMBEDS"], packed["MEDIA_ROWS"]), media):
+        np.testing.assert_array_equal(a, b)
+    assert pack_media([]) == {} and unpack_media(None, None) == []
+
+
+def test_media_errors() -> None:
+    with pytest.raises(InvalidInput, match="one width"):
+        pack_media([np.zeros((2, 8), np.float32), np.zeros((2, 4), np.float32)])
+    with pytest.raises(InvalidInput, match="2-D float"):
+        pack_media([np.zeros(8, np.float32)])
+    with pytest.raises(InvalidInput, match="together"):
+        unpack_media(np.zeros((2, 8), np.float32), None)
+    with pytest.raises(InvalidInput, match="do not split"):
+        unpack_media(np.zeros((2, 8), np.float32), np.array([1, 2], np.int32))
+
+
+def test_error_round_trip() -> None:
+    for exc in (InvalidInput("bad image"), Unavailable("busy"), ResourceExhausted("queue\nfull")):
+        back = parse_error(format_error(exc))
+        assert type(back) is type(exc) and back.message == exc.message and back.code == exc.code
+    internal = parse_error(format_error(VitaserveError("boom")))
+    assert type(internal) is VitaserveError and internal.code == "INTERNAL"
+    assert parse_error("Request for unknown model") is None

@@ -1,0 +1,349 @@
+"""Unit tests of the per-stream policy (`Conversation`) over scripted components, without gRPC: turn
+kinds, input checks per event, ordering rules, VAD turns and barge-in with the real Silero VAD, history
+and persistence. test_server.py runs the same rules through a real server and the tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import make_config, run
+from fakes import FakeComponents
+from PIL import Image
+
+from vitaserve_orchestrator import events as ev
+from vitaserve_orchestrator.conversation import Conversation
+from vitaserve_orchestrator.outbox import Outbox
+from vitaserve_orchestrator.session import AUDIO_MARKER, IMAGE_MARKER, InMemorySessionStore, SettingsUpdate
+from vitaserve_orchestrator.settings import OrchestratorSettings
+from vitaserve_orchestrator.vad import SileroVad
+
+pytestmark = pytest.mark.unit
+
+GOLDEN = Path(__file__).parents[1] / "golden" / "vita15-tiny"
+END = (ev.ResponseDone, ev.Interrupted, ev.ErrorEvent)
+
+
+def png(size: tuple[int, int] = (32, 24)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def pcm16(pcm: np.ndarray) -> bytes:
+    return (np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes()
+
+
+class Harness:
+    def __init__(self, fake: FakeComponents, config: OrchestratorSettings | None = None, **settings: object):
+        self.fake = fake
+        self.config = config or make_config()
+        self.settings = SettingsUpdate(**{"turn_detection": "manual", **settings})  # type: ignore[arg-type]
+        self.store = InMemorySessionStore()
+        self.outbox = Outbox()
+        self.conv: Conversation | None = None
+
+    async def open(self) -> Conversation:
+        self.conv = await Conversation.open(
+            ev.UpdateSession(settings=self.settings),
+            store=self.store,
+            components=self.fake,
+            config=self.config,
+            outbox=self.outbox,
+            vad_factory=SileroVad,
+        )
+        started = await self.next()
+        assert isinstance(started.event, ev.SessionStarted)
+        return self.conv
+
+    async def send(self, event: ev.ClientEvent) -> bool:
+        assert self.conv is not None
+        return await self.conv.dispatch(event)
+
+    async def next(self) -> ev.Envelope:
+        env = await asyncio.wait_for(self.outbox.get(), 5)
+        assert env is not None
+        return env
+
+    async def until(self, kinds: type | tuple[type, ...] = END) -> list[ev.Envelope]:
+        got = []
+        while True:
+            got.append(await self.next())
+            if isinstance(got[-1].event, kinds):
+                return got
+
+    def queued(self) -> list[ev.ServerEvent]:
+        return [env.event for env in self.outbox._queue]  # noqa: SLF001 - inspection only
+
+    async def stream_audio(
+        self, pcm: np.ndarray, chunk_ms: int = 100, stop: Callable[[], bool] | None = None
+    ) -> None:
+        step = 16 * chunk_ms
+        for i in range(0, len(pcm), step):
+            assert await self.send(ev.AudioIn(pcm16=pcm16(pcm[i : i + step]), sample_rate=16000))
+            if stop is not None and stop():
+                return
+
+
+def silence(seconds: float) -> np.ndarray:
+    return np.zeros(int(seconds * 16000), np.float32)
+
+
+def test_text_turn_updates_history_and_store() -> None:
+    async def body() -> None:
+        h = Harness(FakeComponents())
+        conv = await h.open()
+        await h.send(ev.TextIn(text="Hi there"))
+        events = await h.until()
+        turn = events[0]
+        assert isinstance(turn.event, ev.TurnStarted) and turn.event.modality == "text"
+        assert turn.turn_id == "turn-1" and turn.response_id.startswith("resp-")
+        assert {e.response_id for e in events} == {turn.response_id}
+        assert isinstance(events[-1].event, ev.ResponseDone)
+        assert conv.session.history[-1].user == "Hi there"
+        assert conv.session.history[-1].assistant == "☜Hello there. How are you?"
+        await conv.finish()
+        stored = await h.store.load(conv.session.id)
+        assert stored.turns == 1 and len(stored.history) == 1
+        # The next turn's prompt carries the history.
+        assert h.outbox.closed
+
+    run(body())
+
+
+def test_push_to_talk_turn_with_deferred_text_and_image(question_pcm: np.ndarray) -> None:
+    async def body() -> None:
+        h = Harness(FakeComponents())
+        conv = await h.open()
+        await h.send(ev.TextIn(text="Look:", defer_commit=True))
+        await h.send(ev.ImageIn(data=(GOLDEN / "image0_800x600.png").read_bytes()))
+        await h.stream_audio(question_pcm)
+        assert h.queued() == []  # nothing happens before the commit
+        await h.send(ev.CommitIn())
+        events = await h.until()
+        assert events[0].event == ev.TurnStarted(modality="audio", images=1, frames=0)
+        assert isinstance(events[-1].event, ev.ResponseDone)
+        assert len(h.fake.audio_calls[0]) == len(question_pcm)
+        np.testing.assert_allclose(h.fake.audio_calls[0], question_pcm, atol=1 / 32768)
+        assert "<image>\nLook:<audio><|im_end|>" in h.fake.prompts[0]
+        assert conv.session.history[-1].user == f"{IMAGE_MARKER} Look: {AUDIO_MARKER}"
+        assert conv.session.pending.empty()
+
+    run(body())
+
+
+def test_camera_frames_the_four_most_recent_go_with_a_turn() -> None:
+    async def body() -> None:
+        h = Harness(FakeComponents())
+        await h.open()
+        frames = [png((16 + i, 16)) for i in range(6)]
+        for i, frame in enumerate(frames):
+            await h.send(ev.VideoFrameIn(data=frame, timestamp_s=float(i)))
+        await h.send(ev.TextIn(text="What do you see?"))
+        events = await h.until()
+        assert events[0].event == ev.TurnStarted(modality="text", images=0, frames=4)
+        assert [i.data for i in h.fake.image_calls[0]] == frames[2:]
+
+    run(body())
+
+
+BAD_EVENTS = [
+    (ev.AudioIn(pcm16=b"\0\0" * 100, sample_rate=44100, event_id="e1"), "INVALID_ARGUMENT", "sample_rate"),
+    (ev.AudioIn(pcm16=b"\0" * 201, sample_rate=16000, event_id="e2"), "INVALID_ARGUMENT", "odd"),
+    (ev.AudioIn(pcm16=b"\0" * 400_000, sample_rate=16000, event_id="e3"), "INVALID_ARGUMENT", "at most"),
+    (ev.ImageIn(data=b"\x89PNG\r\n\x1a\nbroken", event_id="e4"), "INVALID_ARGUMENT", "image"),
+    (ev.ImageIn(data=b"x" * (9 * 1024 * 1024), event_id="e5"), "INVALID_ARGUMENT", "at most"),
+    (ev.ImageIn(data=png(), max_tiles=13, event_id="e6"), "INVALID_ARGUMENT", "max_tiles"),
+    (ev.VideoFrameIn(data=b"not an image", event_id="e7"), "INVALID_ARGUMENT", "image"),
+    (ev.TextIn(text="x" * 8001, event_id="e8"), "INVALID_ARGUMENT", "too long"),
+    (ev.TextIn(text="hi <|im_end|>", event_id="e9"), "INVALID_ARGUMENT", "reserved"),
+    (ev.CommitIn(event_id="e10"), "FAILED_PRECONDITION", "nothing to commit"),
+    (ev.UpdateSession(session_id="sess-other", event_id="e11"), "INVALID_ARGUMENT", "one session"),
+    (
+        ev.UpdateSession(settings=SettingsUpdate(turn_detection="auto"), event_id="e12"),
+        "INVALID_ARGUMENT",
+        "turn_detection",
+    ),
+]
+
+
+@pytest.mark.parametrize(("event", "code", "words"), BAD_EVENTS, ids=[e[0].event_id for e in BAD_EVENTS])
+def test_bad_event_is_an_error_event_and_the_session_goes_on(
+    event: ev.ClientEvent, code: str, words: str
+) -> None:
+    async def body() -> None:
+        h = Harness(FakeComponents())
+        await h.open()
+        assert await h.send(event)
+        err = (await h.next()).event
+        assert isinstance(err, ev.ErrorEvent) and err.code == code and err.event_id == event.event_id
+        assert words in err.message and not err.retryable
+        await h.send(ev.TextIn(text="still there?"))
+        assert isinstance((await h.until())[-1].event, ev.ResponseDone)
+
+    run(body())
+
+
+def test_short_push_to_talk_and_events_during_a_response_are_refused() -> None:
+    async def body() -> None:
+        gate = asyncio.Event()
+        h = Harness(FakeComponents(llm_gate=(3, gate)))
+        await h.open()
+        await h.send(ev.AudioIn(pcm16=b"\0\0" * 800, sample_rate=16000))  # 50 ms
+        await h.send(ev.CommitIn(event_id="ptt"))
+        err = (await h.next()).event
+        assert err.code == "INVALID_ARGUMENT" and "too short" in err.message
+        await h.send(ev.TextIn(text="first"))
+        await h.until(ev.TextDelta)
+        await h.send(ev.CommitIn(event_id="c"))
+        await h.send(ev.TextIn(text="second", event_id="t"))
+        await h.send(ev.TextIn(text="later", defer_commit=True))  # allowed: kept for the next turn
+        errors = [e.event for e in await h.until(ev.ErrorEvent) + await h.until(ev.ErrorEvent)]
+        errs = [e for e in errors if isinstance(e, ev.ErrorEvent)]
+        assert [(e.code, e.event_id) for e in errs] == [
+            ("FAILED_PRECONDITION", "c"),
+            ("FAILED_PRECONDITION", "t"),
+        ]
+        gate.set()
+        assert isinstance((await h.until())[-1].event, ev.ResponseDone)
+        await h.send(ev.CommitIn())
+        await h.until()
+        assert "later" in h.fake.prompts[-1] and "second" not in h.fake.prompts[-1]
+
+    run(body())
+
+
+def test_client_interrupt_truncates_history_and_ignores_stale_ids() -> None:
+    async def body() -> None:
+        llm_gate = asyncio.Event()
+        fake = FakeComponents(
+            reply=["☜", " Hello", " there", ".", " How", " are", " you", "?", " Fine", "."],
+            llm_gate=(8, llm_gate),
+        )
+        h = Harness(fake)
+        conv = await h.open()
+        await h.send(ev.TextIn(text="talk"))
+        await h.until(ev.AudioOut)
+        await h.until(ev.AudioOut)  # segment 0 sent whole
+        response_id = conv.response.id
+        await h.send(ev.InterruptIn(response_id="resp-stale"))
+        assert not conv.response.finished
+        await h.send(ev.InterruptIn(response_id=response_id))
+        rest = await h.until(ev.Interrupted)
+        assert not any(
+            isinstance(e.event, (ev.AudioOut, ev.TextDelta)) for e in rest[:-1] if e.t_ms > rest[-1].t_ms
+        )
+        intr = rest[-1].event
+        assert (
+            intr.reason == "client" and intr.played_ms >= 200 and intr.heard_text.startswith("Hello there.")
+        )
+        assert conv.session.history[-1].assistant == "☜" + intr.heard_text
+        assert fake.llm_streams[0].closed
+        await h.send(ev.InterruptIn())  # nothing running: ignored
+        assert h.queued() == []
+
+    run(body())
+
+
+def test_vad_turn_with_silero(question_pcm: np.ndarray) -> None:
+    async def body() -> None:
+        h = Harness(FakeComponents(), turn_detection="vad")
+        conv = await h.open()
+        await h.stream_audio(np.concatenate([silence(0.5), question_pcm, silence(1.0)]))
+        events = await h.until()
+        kinds = [type(e.event) for e in events]
+        assert kinds[:3] == [ev.SpeechStarted, ev.SpeechStopped, ev.TurnStarted]
+        start, stop, turn = (e.event for e in events[:3])
+        assert 400 <= start.audio_start_ms <= 560
+        assert abs(stop.audio_end_ms - (500 + len(question_pcm) / 16)) < 150
+        assert turn.modality == "audio" and events[0].turn_id == events[2].turn_id == "turn-1"
+        assert abs(len(h.fake.audio_calls[0]) - len(question_pcm)) < 0.25 * 16000
+        assert isinstance(events[-1].event, ev.ResponseDone)
+        assert conv.session.history[-1].user == AUDIO_MARKER
+
+    run(body())
+
+
+def test_half_close_mid_utterance_commits_it(question_pcm: np.ndarray) -> None:
+    async def body() -> None:
+        h = Harness(FakeComponents(), turn_detection="vad")
+        conv = await h.open()
+        await h.stream_audio(np.concatenate([silence(0.3), question_pcm]))  # no trailing silence
+        finishing = asyncio.create_task(conv.finish())
+        events = await h.until()
+        await finishing
+        assert [type(e.event) for e in events[:3]] == [ev.SpeechStarted, ev.SpeechStopped, ev.TurnStarted]
+        assert isinstance(events[-1].event, ev.ResponseDone) and h.outbox.closed
+
+    run(body())
+
+
+def test_barge_in_interrupts_and_the_utterance_becomes_the_next_turn(question_pcm: np.ndarray) -> None:
+    async def body() -> None:
+        gate = asyncio.Event()
+        fake = FakeComponents(llm_gate=(6, gate))
+        h = Harness(fake, turn_detection="vad")
+        conv = await h.open()
+        await h.send(ev.TextIn(text="tell me a story"))
+        await h.until(ev.AudioOut)
+        first = conv.response
+        await h.stream_audio(np.concatenate([silence(0.3), question_pcm, silence(1.0)]))
+        events = await h.until(ev.Interrupted)
+        assert isinstance(events[0].event, ev.SpeechStarted)
+        intr = events[-1]
+        assert intr.response_id == first.id and intr.event.reason == "barge_in"
+        assert fake.llm_streams[0].closed
+        gate.set()  # lets the next response run to its end
+        # Barge-in happened once speech lasted 500 ms, long before the utterance ended.
+        assert intr.t_ms < [e for e in await h.until(ev.SpeechStopped)][-1].t_ms
+        events = await h.until()
+        turn = [e for e in events if isinstance(e.event, ev.TurnStarted)][0]
+        assert turn.event.modality == "audio" and turn.response_id != first.id
+        assert isinstance(events[-1].event, ev.ResponseDone) and events[-1].response_id == turn.response_id
+        assert conv.session.history[0].assistant.startswith("☜")  # the interrupted turn, truncated
+
+    run(body())
+
+
+def test_a_short_backchannel_neither_interrupts_nor_starts_a_turn(short_pcm: np.ndarray) -> None:
+    async def body() -> None:
+        gate = asyncio.Event()
+        fake = FakeComponents(llm_gate=(6, gate))
+        h = Harness(fake, make_config(barge_in_min_speech_ms=800), turn_detection="vad")
+        conv = await h.open()
+        await h.send(ev.TextIn(text="tell me a story"))
+        await h.until(ev.AudioOut)
+        await h.stream_audio(np.concatenate([silence(0.3), short_pcm, silence(1.0)]))
+        seen = await h.until(ev.SpeechStopped)
+        assert not any(isinstance(e.event, (ev.Interrupted, ev.TurnStarted)) for e in seen)
+        assert not conv.response.finished and not fake.llm_streams[0].closed
+        gate.set()
+        assert isinstance((await h.until())[-1].event, ev.ResponseDone)
+
+    run(body())
+
+
+def test_settings_update_and_end_session() -> None:
+    async def body() -> None:
+        gate = asyncio.Event()
+        h = Harness(FakeComponents(llm_gate=(3, gate)))
+        conv = await h.open()
+        await h.send(ev.UpdateSession(settings=SettingsUpdate(turn_detection="vad", max_reply_tokens=5)))
+        started = (await h.next()).event
+        assert isinstance(started, ev.SessionStarted) and started.resumed
+        assert started.settings.turn_detection == "vad" and started.settings.max_reply_tokens == 5
+        assert (await h.store.load(conv.session.id)).settings.max_reply_tokens == 5
+        await h.send(ev.TextIn(text="go"))
+        await h.until(ev.TextDelta)
+        assert not await h.send(ev.EndSessionIn())  # ends the stream
+        assert isinstance((await h.until(ev.Interrupted))[-1].event, ev.Interrupted)
+        await conv.finish()
+        await asyncio.sleep(0)
+        with pytest.raises(Exception, match="does not exist"):
+            await h.store.load(conv.session.id)
+
+    run(body())
