@@ -39,7 +39,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -255,6 +255,7 @@ class TritonServer:
     log_path: server stdout+stderr; `<work_dir>/tritonserver.log` if None.
     exit_timeout: `--exit-timeout-secs`, how long Triton waits for in-flight requests on SIGTERM.
     extra_args: appended to the tritonserver command line.
+    env: extra environment variables for the server and its model stubs (e.g. VITASERVE_CHECKPOINT_DIR).
     """
 
     def __init__(
@@ -272,6 +273,7 @@ class TritonServer:
         startup_timeout: float = 120.0,
         exit_timeout: int = 10,
         extra_args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
         self.models = None if models is None else list(models)
@@ -283,6 +285,7 @@ class TritonServer:
         self.startup_timeout = startup_timeout
         self.exit_timeout = exit_timeout
         self.extra_args = list(extra_args)
+        self.env = dict(env or {})
         self._given_work_dir = None if work_dir is None else Path(work_dir)
         self._given_log_path = None if log_path is None else Path(log_path)
         self.work_dir: Path | None = None
@@ -414,7 +417,7 @@ class TritonServer:
         return python_dir.parent
 
     def _environment(self, interpreter: Interpreter) -> dict[str, str]:
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env["PATH"] = os.pathsep.join(p for p in (str(interpreter.bin_dir), env.get("PATH", "")) if p)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (interpreter.libdir, env.get("LD_LIBRARY_PATH", "")) if p
