@@ -203,3 +203,16 @@ def test_triton_down_gives_unavailable_not_a_hang(tmp_path: Path) -> None:
         run(scenario())
     finally:
         proc.stop()
+
+
+def test_detailed_image_uses_one_placeholder_per_tile(stack: LocalStack) -> None:
+    """An 800x600 image with max_tiles=12 is 12 tiles + a thumbnail: 13 placeholders, 13·256 rows."""
+    async def scenario() -> None:
+        async with Conversation.open(stack.orchestrator_address, settings=SETTINGS) as conv:
+            await conv.send_image((GOLDEN / "image0_800x600.png").read_bytes(), max_tiles=12)
+            await conv.send_text("Describe every detail.")
+            events = [e async for e in conv.until_done()]
+            check_response(events, conv.session_id)
+            assert events[0].turn_started.images == 1
+
+    run(scenario())

@@ -182,8 +182,9 @@ def test_encoders_run_in_parallel_and_prompt_has_the_media(question_pcm: np.ndar
         )
         assert system_prompt("image", realtime=True) in prompt
         assert "<|im_start|>user\n[image] What?<|im_end|>\n<|im_start|>assistant\n☜A cat.<|im_end|>" in prompt
+        # one media array per placeholder: the image's two tiles separately, then the frame, then audio
         media = fake.media[0]
-        assert [m.shape[0] for m in media] == [512, 256, len(question_pcm) // 1280]
+        assert [m.shape[0] for m in media] == [256, 256, 256, len(question_pcm) // 1280]
         assert events[-1].event.timings.encode_ms > 0
 
     run(body())

@@ -376,7 +376,9 @@ class Response:
             system=system,
             max_chars=_PROMPT_MAX_CHARS,
         )
-        media = [*vision, *([audio] if audio is not None else [])]
+        # One <image> placeholder per tile: split each image's rows into 256-row tiles (thumbnail last).
+        tiles = [block for v in vision for block in np.split(v, v.shape[0] // TOKENS_PER_TILE)]
+        media = [*tiles, *([audio] if audio is not None else [])]
         params = GenerationParams(
             max_tokens=self._settings.max_reply_tokens,
             temperature=self._settings.temperature,
