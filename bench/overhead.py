@@ -7,7 +7,8 @@ One run, one tiny checkpoint (random weights), one input: the example camera ima
 
 - stack: a real Triton with the four models + the orchestrator process; a gRPC client sends the image and
   the question, commits, and times the first audio event and the done event (client clock, from the commit).
-- in-process: the same engines in this process, on the same critical path: vision and audio encoders in
+- in-process: the same engines in this process, with the same torch threads per model as each Triton
+  instance (VITASERVE_CPU_THREADS, default 1), on the same critical path: vision and audio encoders in
   parallel (two threads), the same prompt, the LLM streamed into the orchestrator's own reply cleaner and
   segmenter, and speech synthesis of the first segment up to its first chunk.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -29,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.client import Conversation, read_wav_16k
@@ -47,7 +50,9 @@ TEMPERATURE = 0.8
 
 
 class InProcess:
-    def __init__(self, checkpoint: Path) -> None:
+    def __init__(self, checkpoint: Path, threads: int) -> None:
+        # The same torch thread count per model as each Triton instance of the stack (VITASERVE_CPU_THREADS).
+        torch.set_num_threads(threads)
         ckpt = CheckpointDir(checkpoint)
         self.vision, self.audio = VisionEngine(ckpt), AudioEngine(ckpt)
         self.llm, self.speech = LLMEngine(ckpt), SpeechEngine(ckpt)
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     pcm = np.frombuffer(pcm16, "<i2").astype(np.float32) / 32768
     with tempfile.TemporaryDirectory(prefix="vitaserve-bench-") as tmp:
         checkpoint = write_tiny_checkpoint(Path(tmp) / "ckpt", seed=0)
-        inproc = InProcess(checkpoint)
+        inproc = InProcess(checkpoint, int(os.environ.get("VITASERVE_CPU_THREADS", "1")))
         seed, segments = pick_seed(inproc, image, pcm, args.segments)
         with LocalStack(checkpoint, work_dir=Path(tmp) / "stack") as stack:
             for _ in range(3):  # warm-up both paths (first calls load kernels and caches)

@@ -112,7 +112,10 @@ class LocalStack:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.triton = TritonServer(MODEL_REPOSITORY, models=models, work_dir=self.work_dir / "triton",
                                    log_path=self.work_dir / "triton.log",
-                                   env={"VITASERVE_CHECKPOINT_DIR": str(self.checkpoint_dir)})
+                                   env={"VITASERVE_CHECKPOINT_DIR": str(self.checkpoint_dir),
+                                        # four model processes share this host's cores: one torch
+                                        # thread each avoids OpenMP pools spinning against each other
+                                        "VITASERVE_CPU_THREADS": os.environ.get("VITASERVE_CPU_THREADS", "1")})
         self._with_orchestrator = orchestrator
         self._orchestrator_env = orchestrator_env or {}
         self.orchestrator: OrchestratorProcess | None = None
