@@ -283,8 +283,8 @@ class CheckpointDir:
 
         names = [n for n in self._key_to_shard if not n.startswith(_NON_LLM_PREFIXES)]
         state = self.read(names)
-        llm = self._build(lambda: VitaLLM(self.config.llm), state, dtype, device, self.shards_for(("model.", "lm_head.")))
-        return llm
+        return self._build(lambda: VitaLLM(self.config.llm), state, dtype, device,
+                           self.shards_for(("model.", "lm_head.")))
 
     def load_embedding_table(self, dtype: str | torch.dtype = "float32", device: str = "cpu") -> torch.Tensor:
         """The LLM's input embedding table alone (the speech decoder's text input)."""
@@ -370,11 +370,20 @@ def main_tensor_shapes(config: VitaConfig) -> dict[str, tuple[int, ...]]:
         ]
     expected: dict[str, tuple[int, ...]] = {}
     for module, prefixes in parts:
-        inverse = {v: k for k, v in prefixes.items()}
-        for key, tensor in module.state_dict().items():
-            mod_prefix = max((p for p in inverse if key.startswith(p)), key=len)
-            expected[inverse[mod_prefix] + key[len(mod_prefix):]] = tuple(tensor.shape)
+        named = to_checkpoint_keys(module.state_dict(), prefixes)
+        expected.update({key: tuple(tensor.shape) for key, tensor in named.items()})
     return expected
+
+
+def to_checkpoint_keys(state: dict[str, torch.Tensor], prefixes: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A module's state dict renamed to the checkpoint's key names: the inverse of `read_prefixes`
+    (`prefixes` maps checkpoint prefix -> module prefix; the longest matching module prefix wins)."""
+    inverse = {module_prefix: ckpt_prefix for ckpt_prefix, module_prefix in prefixes.items()}
+    renamed = {}
+    for key, tensor in state.items():
+        module_prefix = max((p for p in inverse if key.startswith(p)), key=len)
+        renamed[inverse[module_prefix] + key[len(module_prefix):]] = tensor
+    return renamed
 
 
 def _read_torch_or_safetensors(folder: Path) -> tuple[dict[str, Any], str]:

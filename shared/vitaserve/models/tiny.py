@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vitaserve.models.checkpoint import TTS_DIR, VISION_PREFIXES, AUDIO_PREFIXES
+from vitaserve.models.checkpoint import AUDIO_PREFIXES, TTS_DIR, VISION_PREFIXES, to_checkpoint_keys
 from vitaserve.models.configs import AudioEncoderConfig, CodecConfig, TTSDecoderConfig, VisionConfig
 
 ASSETS = resources.files("vitaserve.models") / "assets"
@@ -52,10 +52,11 @@ def _main_config(cfgs: dict[str, Any], tokenizer_dir: Path) -> dict[str, Any]:
 def _random_state(cfgs: dict[str, Any], seed: int) -> tuple[dict, dict, dict]:
     """Main, speech-decoder and codec state dicts with fresh weights, in the checkpoints' key names."""
     from vitaserve.models.audio import AudioEncoder, load_cmvn_json
+    from vitaserve.models.checkpoint import _qwen2_config
     from vitaserve.models.codec import CodecDecoder
     from vitaserve.models.llm import VitaLLM
-    from vitaserve.models.checkpoint import _qwen2_config
     from vitaserve.models.tts import SpeechDecoder
+    from vitaserve.models.vision import VisionEncoder
 
     llm_cfg = _qwen2_config(cfgs["main_config"])
     torch.manual_seed(seed)
@@ -65,20 +66,14 @@ def _random_state(cfgs: dict[str, Any], seed: int) -> tuple[dict, dict, dict]:
     for key, value in main.items():
         if value.dim() == 2:
             main[key] = torch.randn_like(value) * std
-    from vitaserve.models.vision import VisionEncoder
-
     vision = VisionEncoder(VisionConfig.from_reference(cfgs["vision_config"], llm_cfg.hidden_size))
-    inverse = {v: k for k, v in VISION_PREFIXES.items()}
-    for key, value in vision.state_dict().items():
-        prefix = next(p for p in inverse if key.startswith(p))
-        main[inverse[prefix] + key[len(prefix):]] = value
+    main.update(to_checkpoint_keys(vision.state_dict(), VISION_PREFIXES))
     audio = AudioEncoder(AudioEncoderConfig.from_reference(cfgs["audio_encoder_config"]))
+    audio_state = dict(audio.state_dict())
     mean, istd = load_cmvn_json(json.loads((ASSETS / "global_cmvn.json").read_text()))
-    audio_prefix = next(iter(AUDIO_PREFIXES))
-    for key, value in audio.state_dict().items():
-        main[audio_prefix + key] = value
-    main[audio_prefix + "encoder.global_cmvn.mean"] = torch.as_tensor(mean, dtype=torch.float32)
-    main[audio_prefix + "encoder.global_cmvn.istd"] = torch.as_tensor(istd, dtype=torch.float32)
+    audio_state["encoder.global_cmvn.mean"] = torch.as_tensor(mean, dtype=torch.float32)
+    audio_state["encoder.global_cmvn.istd"] = torch.as_tensor(istd, dtype=torch.float32)
+    main.update(to_checkpoint_keys(audio_state, AUDIO_PREFIXES))
     decoder = SpeechDecoder(TTSDecoderConfig.from_reference(cfgs["tts_decoder_args"])).state_dict()
     codec = CodecDecoder(CodecConfig.from_reference(cfgs["codec_model_json"])).state_dict()
     return main, dict(decoder), dict(codec)
