@@ -13,6 +13,10 @@ Library use:
             ...
 
 The client sends events from its own queue, so sending never blocks on the server's replies.
+
+Auth and TLS: `Conversation.open(address, api_key=KEY)` sends `authorization: Bearer KEY`;
+`root_certificates=PEM` connects over TLS trusting that CA (b"" = the system roots), with
+`private_key`/`certificate_chain` for mTLS. CLI: `--api-key` (or `VITASERVE_API_KEY`), `--tls-ca FILE`.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import os
 import sys
 import time
 import wave
@@ -55,8 +60,21 @@ class Conversation:
         settings: pb.SessionSettings | None = None,
         metadata: tuple[tuple[str, str], ...] = (),
         max_message_bytes: int = 32 * 1024 * 1024,
+        api_key: str | None = None,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+        server_name: str | None = None,
     ) -> "_ConversationContext":
-        return _ConversationContext(address, session_id, settings, metadata, max_message_bytes)
+        """`api_key`: sent as `authorization: Bearer <key>`. `root_certificates` (PEM; b"" for the system
+        roots) switches to TLS; `private_key` + `certificate_chain` add a client certificate (mTLS);
+        `server_name` overrides the name checked against the server certificate."""
+        if api_key:
+            metadata = (*metadata, ("authorization", f"Bearer {api_key}"))
+        tls = None
+        if root_certificates is not None or private_key is not None:
+            tls = (root_certificates or None, private_key, certificate_chain, server_name)
+        return _ConversationContext(address, session_id, settings, metadata, max_message_bytes, tls)
 
     async def _requests(self) -> AsyncIterator[pb.ClientEvent]:
         while True:
@@ -133,15 +151,25 @@ class Conversation:
 
 class _ConversationContext:
     def __init__(self, address: str, session_id: str, settings: pb.SessionSettings | None,
-                 metadata: tuple[tuple[str, str], ...], max_message_bytes: int) -> None:
+                 metadata: tuple[tuple[str, str], ...], max_message_bytes: int,
+                 tls: tuple[bytes | None, bytes | None, bytes | None, str | None] | None = None) -> None:
         self._args = (address, session_id, settings, metadata, max_message_bytes)
+        self._tls = tls
         self._channel: grpc.aio.Channel | None = None
         self._conv: Conversation | None = None
 
     async def __aenter__(self) -> Conversation:
         address, session_id, settings, metadata, max_bytes = self._args
         options = [("grpc.max_send_message_length", max_bytes), ("grpc.max_receive_message_length", max_bytes)]
-        self._channel = grpc.aio.insecure_channel(address, options=options)
+        if self._tls is None:
+            self._channel = grpc.aio.insecure_channel(address, options=options)
+        else:
+            roots, key, chain, server_name = self._tls
+            if server_name:
+                options.append(("grpc.ssl_target_name_override", server_name))
+            credentials = grpc.ssl_channel_credentials(root_certificates=roots, private_key=key,
+                                                       certificate_chain=chain)
+            self._channel = grpc.aio.secure_channel(address, credentials, options=options)
         self._conv = Conversation(self._channel, metadata=metadata)
         await self._conv.start(session_id, settings)
         return self._conv
@@ -228,7 +256,9 @@ async def _cli(args: argparse.Namespace) -> int:
         print("nothing to send: give --image, --wav and/or --text", file=sys.stderr)
         return 2
     settings = pb.SessionSettings(turn_detection="manual", want_audio=not args.no_audio)
-    async with Conversation.open(args.address, session_id=args.session, settings=settings) as conv:
+    roots = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    async with Conversation.open(args.address, session_id=args.session, settings=settings, api_key=args.api_key,
+                                 root_certificates=roots) as conv:
         print(f"session {conv.session_id}", flush=True)
         reply, audio, rate, events = await run_turn(conv, image=image, pcm16=pcm16, text=args.text)
     if any(e.WhichOneof("event") == "error" for e in events):
@@ -249,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--text", help="a typed question")
     parser.add_argument("--out", help="write the reply audio to this WAV file")
     parser.add_argument("--no-audio", action="store_true", help="text reply only")
+    parser.add_argument("--api-key", default=os.environ.get("VITASERVE_API_KEY"),
+                        help="API key (default: $VITASERVE_API_KEY); sent as 'authorization: Bearer'")
+    parser.add_argument("--tls-ca", help="connect over TLS, trusting this PEM CA bundle")
     try:
         return asyncio.run(_cli(parser.parse_args(argv)))
     except grpc.aio.AioRpcError as exc:

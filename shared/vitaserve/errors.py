@@ -64,6 +64,12 @@ class Unauthenticated(VitaserveError):
     code = "UNAUTHENTICATED"
 
 
+class Aborted(VitaserveError):
+    """A concurrency conflict: e.g. a newer stream took the session over (its fencing epoch is newer)."""
+
+    code = "ABORTED"
+
+
 class CheckpointError(VitaserveError):
     """A checkpoint directory is incomplete, inconsistent or of an unknown kind. The message names the
     file and the tensor key involved."""

@@ -11,12 +11,18 @@
 - barge-in: in VAD mode, user speech lasting `barge_in_min_speech_ms` interrupts a running response;
 - interruption on request (`InterruptIn`), playback reports, settings changes and the end of the session;
 - history and persistence: a finished response updates the history (session.py's policy) and the
-  session is saved to the store at turn boundaries, on settings changes and when the stream ends.
+  session is saved to the store at turn boundaries, on settings changes and when the stream ends. The
+  transport asks `before_send` before sending a turn's end (response_done, interrupted): it goes out once
+  that turn's history is saved, so a turn the client saw completed survives a replica crash. A save that
+  fails (store down) is an `ErrorEvent` and the stream goes on;
+- the stream's lease on its session (lease.py): when a newer stream claims the session (the client
+  reconnected elsewhere), this one reports ABORTED and ends without writing anything more.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -28,14 +34,18 @@ from vitaserve.components.base import ComponentClient, ImageInput
 from vitaserve.errors import FailedPrecondition, InvalidInput, VitaserveError
 from vitaserve.models.image import decode_image
 from vitaserve.models.prompt import check_text
+from vitaserve_orchestrator.auth import Tenant
 from vitaserve_orchestrator.events import (
     AudioIn,
     ClientEvent,
     CommitIn,
     EndSessionIn,
+    Envelope,
     ImageIn,
     InterruptIn,
+    Interrupted,
     PlaybackIn,
+    ResponseDone,
     SessionStarted,
     SpeechStarted,
     SpeechStopped,
@@ -45,12 +55,15 @@ from vitaserve_orchestrator.events import (
     VideoFrameIn,
 )
 from vitaserve_orchestrator.grpc_errors import error_event
+from vitaserve_orchestrator.lease import StreamLease
 from vitaserve_orchestrator.outbox import Outbox
 from vitaserve_orchestrator.session import (
+    DEFAULT_TENANT,
     Frame,
     Session,
     SessionSettings,
     SessionStore,
+    SessionSuperseded,
     history_reply_text,
     history_user_text,
 )
@@ -106,6 +119,10 @@ class Conversation:
         self._vad_base_ms = 0  # input audio received before the current endpointer was created
         self._audio_in_ms = 0.0  # input audio received on this stream
         self._ended = False
+        self._saving: asyncio.Task[None] | None = None  # the save of the last finished turn
+        self._lease = StreamLease(
+            store, session, interval_s=config.stream_lease_s / 3, on_lost=self._on_superseded
+        )
         outbox.session_id = session.id
 
     @classmethod
@@ -117,18 +134,32 @@ class Conversation:
         components: ComponentClient,
         config: OrchestratorSettings,
         outbox: Outbox,
+        tenant: Tenant | None = None,
         vad_factory: Callable[[], VadModel] = SileroVad,
         clock: Callable[[], float] = time.monotonic,
     ) -> Conversation:
-        """Create or resume the session named by the stream's first event; raises `NotFound` for an
-        unknown session id and `InvalidInput` for bad settings. Emits `SessionStarted`."""
+        """Create or resume the session named by the stream's first event, in `tenant` (default: the one
+        tenant of auth-off) and within its stream limit; this stream takes the session's lease. Raises
+        `NotFound` for an unknown session id (or another tenant's), `InvalidInput` for bad settings,
+        `ResourceExhausted` over the tenant's limit, `Unavailable` if the store is down. Emits
+        `SessionStarted`."""
+        tenant = tenant or Tenant(DEFAULT_TENANT)
+        settings = None
+        if update.settings is not None or not update.session_id:
+            settings = SessionSettings.resolve(update.settings, config)  # before taking any lease
         if update.session_id:
-            session = await store.load(update.session_id)
-            if update.settings is not None:
-                session.settings = SessionSettings.resolve(update.settings, config)
-                await store.save(session)
+            session = await store.claim(update.session_id, tenant=tenant.name, max_streams=tenant.max_streams)
+            if settings is not None:
+                session.settings = settings
+                try:
+                    await store.save(session)
+                except VitaserveError:
+                    with contextlib.suppress(VitaserveError):  # else the lease lapses by itself
+                        await store.release(session)
+                    raise
         else:
-            session = await store.create(SessionSettings.resolve(update.settings, config))
+            assert settings is not None
+            session = await store.create(settings, tenant=tenant.name, max_streams=tenant.max_streams)
         conversation = cls(
             session=session,
             store=store,
@@ -143,6 +174,7 @@ class Conversation:
                 resumed=bool(update.session_id), settings=session.settings, history_turns=len(session.history)
             )
         )
+        conversation._lease.start()
         return conversation
 
     # ---- entry points used by the servicer ---------------------------------------------------------
@@ -172,6 +204,22 @@ class Conversation:
             self.report(exc, event.event_id)
         return not self._ended
 
+    async def before_send(self, envelope: Envelope) -> None:
+        """The transport calls this before sending `envelope`: the end of a turn waits until that turn's
+        history is saved (bounded by the store's own timeout; a failed save is reported after it)."""
+        if self._saving is not None and isinstance(envelope.event, (ResponseDone, Interrupted)):
+            await asyncio.wait({self._saving})
+
+    def _on_superseded(self, exc: SessionSuperseded) -> None:
+        """A newer stream holds the session: report it, stop, write nothing more."""
+        if self._ended:
+            return
+        self.report(exc)
+        self._ended = True
+        if self._response is not None:
+            self._tasks.spawn(self._response.aclose(), "stop-superseded")
+        self._outbox.close()
+
     async def finish(self) -> None:
         """The client sent its last event: an utterance still in progress ends here (a client may
         stream a recording and half-close without trailing silence); let a running response play out,
@@ -185,7 +233,11 @@ class Conversation:
             await self._response.wait()
         await self._tasks.wait_all(self._limits.cancel_timeout_s)
         if not self._ended:
-            await self._save()
+            try:
+                await self._save()
+            except VitaserveError as exc:
+                self.report(exc)
+        await self._lease.aclose(self._limits.cancel_timeout_s)
         self._outbox.close()
 
     async def aclose(self) -> None:
@@ -196,8 +248,9 @@ class Conversation:
         if not self._ended:
             try:
                 await self._save()
-            except Exception:  # noqa: BLE001 - the stream is gone; nothing to report to
-                log.exception("session %s: saving at stream end failed", self.session.id)
+            except Exception as exc:  # noqa: BLE001 - the stream is gone; nothing to report to
+                log.warning("session %s: saving at stream end failed: %s", self.session.id, exc)
+        await self._lease.aclose(self._limits.cancel_timeout_s)
         self._outbox.close()
 
     # ---- event handling -------------------------------------------------------------------------
@@ -248,7 +301,7 @@ class Conversation:
         self._ended = True  # first: nothing may save the session after it is deleted
         if self._active() and self._response is not None:
             await self._response.interrupt("client")
-        await self._store.delete(self.session.id)
+        await self._store.delete(self.session.id, tenant=self.session.tenant)
 
     async def _on_interrupt(self, event: InterruptIn) -> None:
         # Interrupting nothing, or a response that already ended, is a harmless race, not an error.
@@ -425,8 +478,18 @@ class Conversation:
                 max_turns=self._config.max_history_turns,
             )
         if not self._ended:
-            self._tasks.spawn(self._save(), "save")
+            self._saving = self._tasks.spawn(self._save_reporting(), "save")
+
+    async def _save_reporting(self) -> None:
+        try:
+            await self._save()
+        except VitaserveError as exc:  # e.g. Redis down: the client learns it, the stream goes on
+            self.report(exc)
 
     async def _save(self) -> None:
         async with self._save_lock:
-            await self._store.save(self.session)
+            try:
+                await self._store.save(self.session)
+            except SessionSuperseded as exc:
+                self._on_superseded(exc)
+                raise

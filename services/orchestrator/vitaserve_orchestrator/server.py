@@ -6,6 +6,11 @@ tests do) and returns `(server, port)`; `await server.start()` starts serving. H
 follows it afterwards (probed every `health_poll_s`), and is NOT_SERVING for good once draining starts.
 `stop(grace)`: NOT_SERVING first (load balancers stop routing new streams), then `grpc.aio.Server.stop`,
 which gives running streams `grace` seconds before cancelling them. `serve()` runs it until SIGTERM.
+
+The session store follows the settings (`build_store`: in memory, or Redis); readiness also requires the
+store to answer (NOT_SERVING while Redis is unreachable), and the server closes a store it built when it
+stops. With `tls_cert_file`/`tls_key_file` the port serves TLS only (`server_credentials`), and with
+`tls_client_ca_file` clients must present a certificate that CA signed (mTLS).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from grpc_health.v1.health import aio as health_aio
 from vitaserve.api.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from vitaserve.components.base import ComponentClient
 from vitaserve.errors import Unavailable
+from vitaserve_orchestrator.auth import Authenticator
 from vitaserve_orchestrator.servicer import OrchestratorServicer
 from vitaserve_orchestrator.session import InMemorySessionStore, SessionStore
 from vitaserve_orchestrator.settings import OrchestratorSettings
@@ -49,7 +55,11 @@ class OrchestratorServer:
         health: health_aio.HealthServicer,
         components: ComponentClient,
         config: OrchestratorSettings,
+        store: SessionStore | None = None,
+        owns_store: bool = False,
     ) -> None:
+        self.store = store
+        self._owns_store = owns_store
         self.grpc_server = server
         self.port = port
         self.servicer = servicer
@@ -75,6 +85,13 @@ class OrchestratorServer:
         except Exception as exc:  # noqa: BLE001 - an unhealthy backend is a state, not an error here
             log.warning("component health check failed: %r", exc)
             ready = False
+        if ready and self.store is not None:
+            try:
+                await self.store.check()
+            except Exception as exc:  # noqa: BLE001 - as above
+                if self.ready:
+                    log.warning("session store check failed: %s", exc)
+                ready = False
         if ready != self.ready:
             log.info("components %s", "ready: SERVING" if ready else "not ready: NOT_SERVING")
         self.ready = ready
@@ -98,9 +115,32 @@ class OrchestratorServer:
         await self.drain()
         await self._tasks.cancel_all(self.config.cancel_timeout_s)
         await self.grpc_server.stop(self.config.shutdown_grace_s if grace is None else grace)
+        if self._owns_store and self.store is not None:
+            await self.store.close()
 
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()
+
+
+def build_store(settings: OrchestratorSettings) -> SessionStore:
+    """The session store the settings ask for (Redis is imported only when chosen)."""
+    if settings.session_store == "redis":
+        from vitaserve_orchestrator.redis_store import RedisSessionStore
+
+        return RedisSessionStore.from_settings(settings)
+    return InMemorySessionStore.from_settings(settings)
+
+
+def server_credentials(settings: OrchestratorSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials from the settings' PEM files, or None without TLS."""
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    ca = settings.tls_client_ca_file.read_bytes() if settings.tls_client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key_file.read_bytes(), settings.tls_cert_file.read_bytes())],
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
 
 
 def create_server(
@@ -109,20 +149,25 @@ def create_server(
     address: str | None = None,
     *,
     store: SessionStore | None = None,
+    auth: Authenticator | None = None,
     vad_factory: Callable[[], VadModel] = SileroVad,
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[OrchestratorServer, int]:
     """Build the server bound to `address` (default `settings.listen_address`); returns it and the port
-    actually bound. Call from the event loop that will run it."""
+    actually bound. `store` and `auth` default to what the settings say (a store passed in stays the
+    caller's to close). Call from the event loop that will run it."""
     options = [
         ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
         ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
     ]
     server = grpc.aio.server(options=options)
+    owns_store = store is None
+    store = store or build_store(settings)
     servicer = OrchestratorServicer(
         config=settings,
         components=components,
-        store=store or InMemorySessionStore.from_settings(settings),
+        store=store,
+        auth=auth or Authenticator.from_settings(settings),
         vad_factory=vad_factory,
         clock=clock,
     )
@@ -130,14 +175,25 @@ def create_server(
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = address or settings.listen_address
+    credentials = server_credentials(settings)
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise Unavailable(f"cannot bind {address}: {exc}") from exc
     if port == 0:
         raise Unavailable(f"cannot bind {address}")
     return OrchestratorServer(
-        server=server, port=port, servicer=servicer, health=health, components=components, config=settings
+        server=server,
+        port=port,
+        servicer=servicer,
+        health=health,
+        components=components,
+        config=settings,
+        store=store,
+        owns_store=owns_store,
     ), port
 
 

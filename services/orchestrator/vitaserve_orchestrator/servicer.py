@@ -1,7 +1,10 @@
 """The Converse gRPC servicer: protobuf <-> domain events, nothing else.
 
-Per stream: the first `ClientEvent` must be a `session_update` (else the RPC ends with INVALID_ARGUMENT);
-an unknown session id ends it with NOT_FOUND. Then a reader task turns each protobuf event into a domain
+Per stream: the caller's API key (metadata) names its tenant (auth.py; a missing or wrong key ends the
+RPC with UNAUTHENTICATED); the first `ClientEvent` must be a `session_update` (else INVALID_ARGUMENT); an
+unknown session id, or another tenant's, ends it with NOT_FOUND; over the tenant's stream limit,
+RESOURCE_EXHAUSTED; a session store that cannot be reached, UNAVAILABLE. An event over the tenant's
+message size limit is a RESOURCE_EXHAUSTED `ErrorEvent`. Then a reader task turns each protobuf event into a domain
 event for the `Conversation`, while this handler sends the `Outbox`'s events as protobuf. Errors about
 one event come back as `ErrorEvent`s and the stream goes on. The stream ends after `EndSession`, when the
 client half-closes (once a running response has played out), or when either side cancels.
@@ -21,6 +24,7 @@ from vitaserve.api.v1 import orchestrator_pb2_grpc as pb_grpc
 from vitaserve.components.base import ComponentClient
 from vitaserve.errors import InvalidInput, VitaserveError
 from vitaserve_orchestrator import events as ev
+from vitaserve_orchestrator.auth import Authenticator, Tenant
 from vitaserve_orchestrator.conversation import Conversation
 from vitaserve_orchestrator.grpc_errors import abort
 from vitaserve_orchestrator.outbox import Outbox
@@ -174,12 +178,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         config: OrchestratorSettings,
         components: ComponentClient,
         store: SessionStore,
+        auth: Authenticator | None = None,
         vad_factory: Callable[[], VadModel] = SileroVad,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
         self._components = components
         self._store = store
+        self._auth = auth or Authenticator.from_settings(config)
         self._vad_factory = vad_factory
         self._clock = clock
         self.open_streams = 0
@@ -187,6 +193,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     async def Converse(  # noqa: N802 - the gRPC method name
         self, request_iterator: AsyncIterator[pb.ClientEvent], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ServerEvent]:
+        try:
+            tenant = self._auth.authenticate(context.invocation_metadata())
+        except VitaserveError as exc:
+            await abort(context, exc)
         requests = aiter(request_iterator)
         try:
             async with asyncio.timeout(self._config.first_event_timeout_s):
@@ -201,6 +211,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
         outbox = Outbox(clock=self._clock)
         try:
+            tenant.check_message(first.ByteSize())
             update = client_event_from_proto(first)
             assert isinstance(update, ev.UpdateSession)
             conversation = await Conversation.open(
@@ -209,6 +220,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 components=self._components,
                 config=self._config,
                 outbox=outbox,
+                tenant=tenant,
                 vad_factory=self._vad_factory,
                 clock=self._clock,
             )
@@ -217,21 +229,25 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
         self.open_streams += 1
         reader = asyncio.get_running_loop().create_task(
-            self._read(requests, conversation), name=f"converse-reader:{conversation.session.id}"
+            self._read(requests, conversation, tenant), name=f"converse-reader:{conversation.session.id}"
         )
         try:
             async for envelope in outbox:
+                await conversation.before_send(envelope)
                 yield server_event_to_proto(envelope)
         finally:
             self.open_streams -= 1
             await cancel_and_wait(reader, self._config.cancel_timeout_s)
             await conversation.aclose()
 
-    async def _read(self, requests: AsyncIterator[pb.ClientEvent], conversation: Conversation) -> None:
+    async def _read(
+        self, requests: AsyncIterator[pb.ClientEvent], conversation: Conversation, tenant: Tenant
+    ) -> None:
         """Feed client events to the conversation until the client stops or ends the session."""
         try:
             async for msg in requests:
                 try:
+                    tenant.check_message(msg.ByteSize())
                     event = client_event_from_proto(msg)
                 except VitaserveError as exc:
                     conversation.report(exc, msg.event_id)

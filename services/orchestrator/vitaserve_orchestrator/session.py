@@ -1,10 +1,15 @@
 """Session state and where it is kept: `Session`, `SessionSettings` and the `SessionStore` interface.
 
 A session outlives a Converse stream: a client that reconnects with its session id resumes the same
-history and settings. The store is the seam for where sessions live: `InMemorySessionStore` (this process,
-the embedded default) and, later, a Redis store shared by every orchestrator replica. Stores hand out
-copies (`load` returns a snapshot, `save` writes one back), as a networked store would, so code that
-forgets to `save` fails in tests already.
+history and settings, on any replica when the store is shared. Two stores implement the interface:
+`InMemorySessionStore` (this process: the embedded default and unit tests) and `redis_store.RedisSessionStore`
+(shared by every orchestrator replica; key names in `redis_keys.py`). Stores hand out copies (`load`
+returns a snapshot, `save` writes one back), as a networked store would, so code that forgets to `save`
+fails in tests already. Both stores keep exactly the persisted record (`session_to_record`), so a test on
+the in-memory store sees what a reconnect to another replica would see.
+
+What is persisted (the versioned JSON record, `RECORD_VERSION`): id, tenant, turn counter, settings and
+history. Nothing else: large media are never stored.
 
 History policy (what later turns see):
 - only text is kept: media bytes are never stored in history. A turn's user content is its typed text,
@@ -13,14 +18,27 @@ History policy (what later turns see):
 - the assistant content is the reply as generated, state mark included (what `build_prompt` expects);
   an interrupted reply is cut to the text the user heard;
 - noise turns (reply mark ☟) are not kept; at most `max_history_turns` recent turns are kept.
-Camera frames and media waiting for the next turn are session state too, but are working state of the
-live stream: they are bounded (`frames_kept`, `max_pending_images`, `max_turn_audio_s`).
+Camera frames and media waiting for the next turn (images, push-to-talk audio, deferred text) are working
+state of the live stream, bounded (`frames_kept`, `max_pending_images`, `max_turn_audio_s`) and kept in
+that replica's memory only: a stream that reconnects starts with no pending media and no frames.
+
+Streams and fencing (one live stream per session, the newest wins):
+- `create` and `claim` (resume) give the calling stream the session's lease and a new `epoch`, a fencing
+  token larger than any before it; `claim` succeeds even while an older stream still holds a lease (its
+  replica may not have noticed the client left).
+- `save` writes only if the stored epoch is still the caller's: a stale stream's late save is refused with
+  `SessionSuperseded` and cannot overwrite newer history. `renew` (the stream's heartbeat) fails the same
+  way, which is how the older stream learns it lost the session, and ends.
+- `create`/`claim` take the tenant's `max_streams`: live leases per tenant are counted (across replicas
+  in Redis, where a lease not renewed for `stream_lease_s` expires) and one more is RESOURCE_EXHAUSTED.
+- every operation names the tenant: another tenant's session id is `NotFound`, like a missing one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import math
 import re
 import time
@@ -28,16 +46,19 @@ import uuid
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 from vitaserve.components.base import ImageInput
-from vitaserve.errors import InvalidInput, NotFound, ResourceExhausted
+from vitaserve.errors import Aborted, InvalidInput, NotFound, ResourceExhausted, VitaserveError
 from vitaserve.models.prompt import Turn, check_text
 from vitaserve_orchestrator.settings import OrchestratorSettings
 
 IMAGE_MARKER = "[image]"
 AUDIO_MARKER = "[spoken question]"
 TURN_DETECTION_MODES = ("vad", "manual")
+DEFAULT_TENANT = "default"  # the one tenant when auth is off
+RECORD_VERSION = 1  # of the persisted JSON record; readers accept every version up to theirs
 # Text that build_prompt refuses in history (media placeholders, ChatML control tokens). A model may
 # generate such text; it is removed before the reply is kept, or every later turn would fail.
 _RESERVED = re.compile(r"<image>|<audio>|<video>|<\|[A-Za-z0-9_]+\|>")
@@ -149,14 +170,16 @@ class PendingInput:
 
 @dataclass
 class Session:
-    """One conversation. `turns` counts committed turns (turn ids are derived from it)."""
+    """One conversation. `turns` counts committed turns (turn ids are derived from it); `epoch` is the
+    fencing token of the stream holding it (0: held by none, a snapshot from `load`)."""
 
     id: str
     settings: SessionSettings
     frames_kept: int = 16
-    tenant: str = ""
+    tenant: str = DEFAULT_TENANT
     history: list[Turn] = field(default_factory=list)
     turns: int = 0
+    epoch: int = 0
     frames: deque[Frame] = field(default_factory=deque)
     pending: PendingInput = field(default_factory=PendingInput)
 
@@ -198,31 +221,120 @@ def new_session_id() -> str:
     return f"sess-{uuid.uuid4().hex}"
 
 
+class SessionSuperseded(Aborted):
+    """A newer stream holds this session (its epoch is newer): this stream's writes are refused."""
+
+
+def stream_limit_error(tenant: str, live: int, limit: int) -> ResourceExhausted:
+    return ResourceExhausted(
+        f"tenant {tenant!r} has {live} live streams, its limit max_streams={limit}: end one or retry later"
+    )
+
+
+def not_found(session_id: str) -> NotFound:
+    # The same words for a missing session and another tenant's: nothing tells them apart.
+    return NotFound(f"session {session_id!r} does not exist or has expired")
+
+
+def session_to_record(session: Session) -> str:
+    """The persisted form of a session (module docstring): versioned JSON, text only."""
+    record = {
+        "v": RECORD_VERSION,
+        "id": session.id,
+        "tenant": session.tenant,
+        "turns": session.turns,
+        "settings": asdict(session.settings),
+        "history": [[t.user, t.assistant] for t in session.history],
+    }
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+
+
+_SETTINGS_FIELDS = tuple(f.name for f in fields(SessionSettings))
+
+
+def session_from_record(raw: str | bytes, *, frames_kept: int, epoch: int = 0) -> Session:
+    """A `Session` from `session_to_record`'s output. A record this replica cannot read (corrupt, or
+    written by a newer release) is an INTERNAL error naming the problem, never a silent reset."""
+    try:
+        record: dict[str, Any] = json.loads(raw)
+        version = record["v"]
+        if not isinstance(version, int) or version > RECORD_VERSION:
+            raise VitaserveError(
+                f"session record version {version!r} is newer than this replica reads ({RECORD_VERSION})"
+            )
+        values = record["settings"]
+        settings = SessionSettings(**{name: values[name] for name in _SETTINGS_FIELDS})
+        return Session(
+            id=str(record["id"]),
+            settings=settings,
+            frames_kept=frames_kept,
+            tenant=str(record["tenant"]),
+            history=[Turn(user=str(u), assistant=str(a)) for u, a in record["history"]],
+            turns=int(record["turns"]),
+            epoch=epoch,
+        )
+    except VitaserveError:
+        raise
+    except (ValueError, KeyError, TypeError) as exc:
+        raise VitaserveError(f"unreadable session record: {type(exc).__name__}: {exc}") from exc
+
+
 class SessionStore(ABC):
-    """Where sessions live between streams (and, with a shared store, between replicas)."""
+    """Where sessions live between streams (and, with a shared store, between replicas). The fencing and
+    lease rules are in the module docstring. Failures to reach the store raise `Unavailable`."""
 
     @abstractmethod
-    async def create(self, settings: SessionSettings, *, tenant: str = "") -> Session:
-        """A new empty session with a fresh id, already saved."""
+    async def create(
+        self, settings: SessionSettings, *, tenant: str = DEFAULT_TENANT, max_streams: int = 0
+    ) -> Session:
+        """A new empty session with a fresh id, already saved, leased by the caller (`epoch` set).
+        Raises `ResourceExhausted` when the tenant already has `max_streams` live streams (0 = no limit)."""
 
     @abstractmethod
-    async def load(self, session_id: str) -> Session:
-        """A copy of the stored session; raises `NotFound`."""
+    async def load(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> Session:
+        """A snapshot of the stored session (no lease; `epoch` 0); raises `NotFound`."""
+
+    @abstractmethod
+    async def claim(self, session_id: str, *, tenant: str = DEFAULT_TENANT, max_streams: int = 0) -> Session:
+        """Resume: the stored session, leased by the caller with a new epoch (older holders are fenced
+        off). Raises `NotFound`, or `ResourceExhausted` as `create` (resuming a session whose old stream
+        still holds a lease does not count twice)."""
 
     @abstractmethod
     async def save(self, session: Session) -> None:
-        """Store (a copy of) `session`, replacing the stored one."""
+        """Store `session` (its record) if `session.epoch` still holds it, else `SessionSuperseded`.
+        Refreshes the idle TTL."""
 
     @abstractmethod
-    async def delete(self, session_id: str) -> None:
-        """Forget a session (no error if it does not exist)."""
+    async def renew(self, session: Session) -> None:
+        """The stream's heartbeat: extend its lease and the session's TTL; `SessionSuperseded` if a newer
+        stream claimed the session."""
+
+    @abstractmethod
+    async def release(self, session: Session) -> None:
+        """The stream ended: give its lease back (no-op if a newer stream holds the session)."""
+
+    @abstractmethod
+    async def delete(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        """Forget a session (no error if it does not exist); older streams on it are fenced off."""
+
+    async def check(self) -> None:  # noqa: B027 - optional hook
+        """Raise `Unavailable` if the store cannot be reached (readiness)."""
 
     async def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
 
 
+@dataclass
+class _Stored:
+    touched: float
+    record: str
+    epoch: int
+
+
 class InMemorySessionStore(SessionStore):
-    """Sessions in this process: bounded by `max_sessions`, idle ones expire after `idle_ttl_s`."""
+    """Sessions in this process: bounded by `max_sessions`, idle ones expire after `idle_ttl_s`. Leases
+    live as long as their stream (this process is the only one serving these sessions)."""
 
     def __init__(
         self,
@@ -236,7 +348,10 @@ class InMemorySessionStore(SessionStore):
         self._ttl = idle_ttl_s
         self._frames_kept = frames_kept
         self._clock = clock
-        self._sessions: OrderedDict[str, tuple[float, Session]] = OrderedDict()  # oldest touch first
+        # (tenant, session id) -> stored record, oldest touch first
+        self._sessions: OrderedDict[tuple[str, str], _Stored] = OrderedDict()
+        self._leases: dict[str, dict[str, int]] = {}  # tenant -> session id -> epoch of the live stream
+        self._epochs = 0  # one counter for every session: epochs only need to grow
         self._lock = asyncio.Lock()
 
     @classmethod
@@ -253,16 +368,33 @@ class InMemorySessionStore(SessionStore):
     def _expire(self) -> None:
         now = self._clock()
         while self._sessions:
-            sid, (touched, _) = next(iter(self._sessions.items()))
-            if now - touched <= self._ttl:
+            key, stored = next(iter(self._sessions.items()))
+            if now - stored.touched <= self._ttl:
                 break
-            del self._sessions[sid]
+            del self._sessions[key]
 
-    def _put(self, session: Session) -> None:
-        self._sessions[session.id] = (self._clock(), copy.deepcopy(session))
-        self._sessions.move_to_end(session.id)
+    def _put(self, session: Session, epoch: int) -> None:
+        key = (session.tenant, session.id)
+        self._sessions[key] = _Stored(self._clock(), session_to_record(session), epoch)
+        self._sessions.move_to_end(key)
 
-    async def create(self, settings: SessionSettings, *, tenant: str = "") -> Session:
+    def _lease(self, tenant: str, session_id: str, max_streams: int) -> int:
+        leases = self._leases.setdefault(tenant, {})
+        if max_streams and session_id not in leases and len(leases) >= max_streams:
+            raise stream_limit_error(tenant, len(leases), max_streams)
+        self._epochs += 1
+        leases[session_id] = self._epochs
+        return self._epochs
+
+    def _holds(self, session: Session) -> bool:
+        stored = self._sessions.get((session.tenant, session.id))
+        if stored is None:  # expired under a live stream: its holder may write it back; deleted: no one
+            return self._leases.get(session.tenant, {}).get(session.id) == session.epoch
+        return stored.epoch == session.epoch
+
+    async def create(
+        self, settings: SessionSettings, *, tenant: str = DEFAULT_TENANT, max_streams: int = 0
+    ) -> Session:
         async with self._lock:
             self._expire()
             if len(self._sessions) >= self._max:
@@ -270,21 +402,51 @@ class InMemorySessionStore(SessionStore):
             session = Session(
                 id=new_session_id(), settings=settings, tenant=tenant, frames_kept=self._frames_kept
             )
-            self._put(session)
+            session.epoch = self._lease(tenant, session.id, max_streams)
+            self._put(session, session.epoch)
             return copy.deepcopy(session)
 
-    async def load(self, session_id: str) -> Session:
+    async def load(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> Session:
         async with self._lock:
             self._expire()
-            entry = self._sessions.get(session_id)
-            if entry is None:
-                raise NotFound(f"session {session_id!r} does not exist or has expired")
-            return copy.deepcopy(entry[1])
+            stored = self._sessions.get((tenant, session_id))
+            if stored is None:
+                raise not_found(session_id)
+            return session_from_record(stored.record, frames_kept=self._frames_kept)
+
+    async def claim(self, session_id: str, *, tenant: str = DEFAULT_TENANT, max_streams: int = 0) -> Session:
+        async with self._lock:
+            self._expire()
+            stored = self._sessions.get((tenant, session_id))
+            if stored is None:
+                raise not_found(session_id)
+            stored.epoch = self._lease(tenant, session_id, max_streams)
+            stored.touched = self._clock()
+            self._sessions.move_to_end((tenant, session_id))
+            return session_from_record(stored.record, frames_kept=self._frames_kept, epoch=stored.epoch)
 
     async def save(self, session: Session) -> None:
         async with self._lock:
-            self._put(session)
+            if not self._holds(session):
+                raise SessionSuperseded(f"session {session.id!r} was taken over by a newer stream")
+            self._put(session, session.epoch)
 
-    async def delete(self, session_id: str) -> None:
+    async def renew(self, session: Session) -> None:
         async with self._lock:
-            self._sessions.pop(session_id, None)
+            if not self._holds(session):
+                raise SessionSuperseded(f"session {session.id!r} was taken over by a newer stream")
+            stored = self._sessions.get((session.tenant, session.id))
+            if stored is not None:
+                stored.touched = self._clock()
+                self._sessions.move_to_end((session.tenant, session.id))
+
+    async def release(self, session: Session) -> None:
+        async with self._lock:
+            leases = self._leases.get(session.tenant, {})
+            if leases.get(session.id) == session.epoch:
+                del leases[session.id]
+
+    async def delete(self, session_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        async with self._lock:
+            self._sessions.pop((tenant, session_id), None)
+            self._leases.get(tenant, {}).pop(session_id, None)

@@ -9,6 +9,10 @@ Backends:
 - `triton`: `VITASERVE_TRITON_URL` serves all four components, or each component has its own URL
   (`VITASERVE_VISION_ENCODER_URL`, ...), which overrides the common one;
 - `inprocess`: the models run in this process from `VITASERVE_CHECKPOINT_DIR` (tests, single host).
+
+Sessions (`VITASERVE_SESSION_STORE`): `memory` (this process only: the embedded default) or `redis`
+(shared by every replica; needs `VITASERVE_REDIS_URL`). Auth is on when `VITASERVE_API_KEYS_FILE` names a
+keys file (auth.py); TLS when `VITASERVE_TLS_CERT_FILE` and `VITASERVE_TLS_KEY_FILE` are set.
 """
 
 from __future__ import annotations
@@ -118,10 +122,73 @@ class OrchestratorSettings(BaseSettings):
 
     # --- sessions and lifecycle -------------------------------------------------------------------------
     max_sessions: int = Field(10_000, ge=1, description="Sessions the in-memory store holds.")
-    session_idle_ttl_s: float = Field(3600.0, gt=0, description="In-memory sessions idle this long expire.")
+    session_idle_ttl_s: float = Field(
+        3600.0, gt=0, description="Sessions idle this long expire (both stores; in Redis, the keys' TTL)."
+    )
     health_poll_s: float = Field(2.0, gt=0, description="Interval of the component readiness probe.")
     shutdown_grace_s: float = Field(10.0, ge=0, description="SIGTERM: time running streams get to finish.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
+
+    # --- session store, tenants and auth, TLS (README: "Sessions, tenants and auth") ----------------------
+    session_store: Literal["memory", "redis"] = Field(
+        "memory",
+        description="Where sessions live: this process only (one replica, the embedded default) or Redis "
+        "(every replica serves every session).",
+    )
+    redis_url: str | None = Field(
+        None, description="redis:// (or rediss:// for TLS) URL of the session store (session_store=redis)."
+    )
+    redis_key_prefix: str = Field(
+        "vitaserve",
+        pattern=r"^[A-Za-z0-9_.-]{1,32}$",
+        description="First part of every Redis key (redis_keys.py), so deployments can share one Redis.",
+    )
+    redis_timeout_s: float = Field(
+        2.0, gt=0, description="Bound on one Redis operation, connecting included; past it: UNAVAILABLE."
+    )
+    stream_lease_s: float = Field(
+        15.0,
+        ge=1.0,
+        description="A live stream's lease on its session, renewed every third of it: a replica that died "
+        "stops counting against its tenant's max_streams this long after its last renewal.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="JSON or YAML file of API-key hashes, tenants and limits (auth.py; e.g. a mounted "
+        "Kubernetes Secret, re-read when it changes). Unset: auth off, every stream is tenant 'default'.",
+    )
+    tenant_max_streams: int = Field(
+        100, ge=0, description="Concurrent Converse streams per tenant unless its entry says (0 = no limit)."
+    )
+    tenant_max_message_bytes: int = Field(
+        0,
+        ge=0,
+        description="Largest ClientEvent a tenant may send unless its entry says (0 = only "
+        "grpc_max_message_bytes applies).",
+    )
+    tls_cert_file: Path | None = Field(None, description="PEM certificate chain of the gRPC server (TLS on).")
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: when set, clients must present a certificate it signed (mTLS)."
+    )
+
+    @model_validator(mode="after")
+    def _check_sessions_and_tls(self) -> OrchestratorSettings:
+        if self.session_store == "redis" and not self.redis_url:
+            raise ValueError(f"session_store=redis needs {ENV_PREFIX}REDIS_URL (e.g. redis://redis:6379/0)")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{ENV_PREFIX}REDIS_URL must be a redis://, rediss:// or unix:// URL")
+        if self.api_keys_file is not None and not self.api_keys_file.is_file():
+            raise ValueError(f"{ENV_PREFIX}API_KEYS_FILE is not a file: {self.api_keys_file}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(f"TLS needs both {ENV_PREFIX}TLS_CERT_FILE and {ENV_PREFIX}TLS_KEY_FILE")
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(f"{ENV_PREFIX}TLS_CLIENT_CA_FILE (mTLS) needs TLS_CERT_FILE and TLS_KEY_FILE")
+        for name in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{ENV_PREFIX}{name.upper()} is not a file: {path}")
+        return self
 
     @model_validator(mode="after")
     def _check_backend(self) -> OrchestratorSettings:
