@@ -19,7 +19,7 @@ from vitaserve_orchestrator.conversation import Conversation
 from vitaserve_orchestrator.outbox import Outbox
 from vitaserve_orchestrator.redis_keys import RedisKeys
 from vitaserve_orchestrator.redis_store import RedisSessionStore
-from vitaserve_orchestrator.session import SettingsUpdate
+from vitaserve_orchestrator.session import Session, SettingsUpdate
 
 pytestmark = [
     pytest.mark.integration,
@@ -70,18 +70,39 @@ class Stream:
         return got
 
 
+class GatedStore(RedisSessionStore):
+    """The real Redis store whose saves wait for `gate` (to hold a save in flight)."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def save(self, session: Session) -> None:
+        await self.gate.wait()
+        await super().save(session)
+
+
 def test_turn_end_waits_for_the_save(redis_server: RedisServer) -> None:
     async def body() -> None:
-        store = RedisSessionStore(redis_server.url, keys=RedisKeys("barrier"), timeout_s=0.5)
+        store = GatedStore(redis_server.url, keys=RedisKeys("barrier"), timeout_s=0.5)
         stream = Stream(store)
         await stream.open()
         assert stream.conv is not None
-        for i in range(3):
-            events = await stream.turn(f"question {i}")
-            assert isinstance(events[-1].event, ev.ResponseDone)
-            # The instant the client could see response_done, another replica already sees the turn.
-            stored = await store.load(stream.conv.session.id, tenant="acme")
-            assert [t.user for t in stored.history] == [f"question {j}" for j in range(i + 1)]
+        sid = stream.conv.session.id
+        await stream.turn("first")
+        store.gate.clear()  # the next save stays in flight
+        await stream.conv.dispatch(ev.TextIn(text="second"))
+        while not isinstance((env := await asyncio.wait_for(stream.outbox.get(), 5)).event, ev.ResponseDone):
+            await stream.conv.before_send(env)  # text deltas go out at once
+        sending = asyncio.get_running_loop().create_task(stream.conv.before_send(env))
+        await asyncio.sleep(0.2)
+        assert not sending.done(), "response_done must wait for its turn's save"
+        assert [t.user for t in (await store.load(sid, tenant="acme")).history] == ["first"]
+        store.gate.set()
+        await asyncio.wait_for(sending, 2)
+        # The instant the client can see response_done, another replica already sees the turn.
+        assert [t.user for t in (await store.load(sid, tenant="acme")).history] == ["first", "second"]
         await stream.conv.aclose()
         await store.close()
 
