@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.client import Conversation
 from vitaserve.redis_server import RedisServer

@@ -62,7 +62,7 @@ class RedisServer:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         """Start (or restart, on the same port) and wait until it answers PING."""
         if self.running:
             return self
@@ -117,7 +117,7 @@ class RedisServer:
         if self._own_tmp is not None:
             self._own_tmp.cleanup()
 
-    def __enter__(self) -> "RedisServer":
+    def __enter__(self) -> RedisServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

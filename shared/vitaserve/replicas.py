@@ -43,7 +43,7 @@ class ReplicaSet:
         return OrchestratorProcess(self.env, log_path=self.work_dir / f"orchestrator-{self._started}.log",
                                    startup_timeout_s=self._timeout)
 
-    def start(self) -> "ReplicaSet":
+    def start(self) -> ReplicaSet:
         try:
             for _ in range(self._count):
                 self.procs.append(self._new().start())
@@ -81,7 +81,7 @@ class ReplicaSet:
         for proc in self.procs:
             proc.stop()
 
-    def __enter__(self) -> "ReplicaSet":
+    def __enter__(self) -> ReplicaSet:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -46,3 +46,13 @@ def test_cpu_profile() -> None:
     services = _config("--profile", "cpu")["services"]
     assert "deploy" not in services["triton-cpu"]
     assert services["orchestrator-cpu"]["environment"]["VITASERVE_TRITON_URL"] == "triton-cpu:8001"
+
+
+def test_orchestrators_keep_sessions_in_redis() -> None:
+    for args, name in (((), "orchestrator"), (("--profile", "cpu"), "orchestrator-cpu")):
+        services = _config(*args)["services"]
+        env = services[name]["environment"]
+        assert env["VITASERVE_SESSION_STORE"] == "redis"
+        assert env["VITASERVE_REDIS_URL"].startswith("redis://redis:")
+        assert "redis" in services[name]["depends_on"] and "redis" in services
+        assert "--appendonly" in services["redis"]["command"]

@@ -9,11 +9,9 @@ import json
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
-
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.client import Conversation, run_turn
 from vitaserve.redis_server import RedisServer, redis_server_binary
@@ -34,7 +32,7 @@ LONG = pb.SessionSettings(turn_detection="manual", want_audio=True, max_reply_to
 KEYS = {"key-acme": "acme", "key-globex": "globex", "key-small": "small"}
 
 
-def run(coro):  # noqa: ANN001, ANN201
+def run(coro):
     return asyncio.run(asyncio.wait_for(coro, timeout=120))
 
 
@@ -92,7 +90,7 @@ def test_replica_killed_mid_response_the_other_resumes_with_history_intact(
         session_id = conv.session_id
         for i in range(3):
             question = f"Question number {i}, please answer briefly."
-            reply, _, _, events = await run_turn(conv, image=None, pcm16=None, text=question, echo=False)
+            _, _, _, events = await run_turn(conv, image=None, pcm16=None, text=question, echo=False)
             done = events[-1].response_done
             assert events[-1].WhichOneof("event") == "response_done"
             completed.append((question, history_reply_text(done.state_mark, done.text)))
@@ -108,7 +106,7 @@ def test_replica_killed_mid_response_the_other_resumes_with_history_intact(
             async for event in conv.events():
                 assert event.WhichOneof("event") != "response_done", "the reply was meant to be cut by the kill"
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        await conv_cm._channel.close()  # noqa: SLF001 - the stream is dead; no graceful close
+        await conv_cm._channel.close()
 
         # Replica 0's lease has not expired, yet the reconnect wins at once.
         t0 = time.perf_counter()
@@ -118,7 +116,7 @@ def test_replica_killed_mid_response_the_other_resumes_with_history_intact(
             assert again.started is not None and again.started.resumed
             assert again.started.history_turns == len(completed) == 3
             assert await stored_history(cluster.redis.url, session_id, "acme") == completed
-            reply, _, _, events = await run_turn(again, image=None, pcm16=None, text="Where were we?", echo=False)
+            _, _, _, events = await run_turn(again, image=None, pcm16=None, text="Where were we?", echo=False)
             assert events[-1].WhichOneof("event") == "response_done"
             assert {e.session_id for e in events} == {session_id}
             assert events[0].turn_id == "turn-4"  # the turn counter continues (the killed turn was not saved)

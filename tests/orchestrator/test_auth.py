@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from conftest import make_config
 from pydantic import ValidationError
-
 from vitaserve.errors import ResourceExhausted, Unauthenticated
 from vitaserve_orchestrator.auth import Authenticator, KeyTable, Tenant, hash_key, key_from_metadata, main
 

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 import pytest
 from conftest import make_config, run
 from fakes import FakeComponents
-
 from vitaserve.redis_server import RedisServer, redis_server_binary
 from vitaserve_orchestrator import events as ev
 from vitaserve_orchestrator.auth import Tenant
@@ -32,7 +31,7 @@ ACME = Tenant("acme", max_streams=5)
 
 
 @pytest.fixture()
-def redis_server(tmp_path) -> Iterator[RedisServer]:  # noqa: ANN001
+def redis_server(tmp_path) -> Iterator[RedisServer]:
     with RedisServer(work_dir=tmp_path) as server:
         yield server
 

@@ -6,6 +6,7 @@ timeout, recovery without a new client). The contract tests run on the in-memory
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -13,7 +14,6 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import make_config, run
-
 from vitaserve.errors import NotFound, ResourceExhausted, Unavailable, VitaserveError
 from vitaserve.models.prompt import Turn
 from vitaserve.redis_server import RedisServer, redis_server_binary
@@ -53,7 +53,7 @@ def redis_store(server: RedisServer, prefix: str, **kwargs: object) -> RedisSess
 
 
 @pytest.fixture(params=["memory", "redis"])
-def make_store(request: pytest.FixtureRequest, redis_server: RedisServer):  # noqa: ANN201
+def make_store(request: pytest.FixtureRequest, redis_server: RedisServer):
     """A factory of stores sharing one backing state (two `make_store()` = two replicas)."""
     prefix = f"t{uuid.uuid4().hex[:8]}"  # each test its own key space in the shared Redis
     memory = InMemorySessionStore()
@@ -83,7 +83,7 @@ def test_record_is_versioned_json_without_media() -> None:
         session_from_record(b"{not json", frames_kept=4)
 
 
-def test_round_trip_and_namespacing(make_store) -> None:  # noqa: ANN001
+def test_round_trip_and_namespacing(make_store) -> None:
     async def body() -> None:
         store = make_store()
         a = await store.create(SETTINGS, tenant="acme")
@@ -111,7 +111,7 @@ def test_round_trip_and_namespacing(make_store) -> None:  # noqa: ANN001
     run(body())
 
 
-def test_fencing_newest_stream_wins(make_store) -> None:  # noqa: ANN001
+def test_fencing_newest_stream_wins(make_store) -> None:
     async def body() -> None:
         replica_a, replica_b = make_store(), make_store()
         a = await replica_a.create(SETTINGS)
@@ -143,7 +143,7 @@ def test_fencing_newest_stream_wins(make_store) -> None:  # noqa: ANN001
     run(body())
 
 
-def test_stream_limits_hold_across_replicas(make_store) -> None:  # noqa: ANN001
+def test_stream_limits_hold_across_replicas(make_store) -> None:
     async def body() -> None:
         replica_a, replica_b = make_store(), make_store()
         s1 = await replica_a.create(SETTINGS, tenant="acme", max_streams=2)
@@ -189,7 +189,7 @@ def test_ttls_are_set_and_refreshed(redis_server: RedisServer) -> None:
         gone = await short.create(SETTINGS, tenant="acme", max_streams=1)
         with pytest.raises(ResourceExhausted):
             await short.create(SETTINGS, tenant="acme", max_streams=1)
-        time.sleep(0.45)
+        await asyncio.sleep(0.45)
         with pytest.raises(NotFound):
             await short.load(gone.id, tenant="acme")
         assert await short.live_streams("acme") == 0
@@ -217,7 +217,7 @@ def test_a_live_stream_writes_its_session_back_after_redis_lost_it(redis_server:
     run(body())
 
 
-def test_redis_outage_is_unavailable_within_the_timeout_and_recovers(tmp_path) -> None:  # noqa: ANN001
+def test_redis_outage_is_unavailable_within_the_timeout_and_recovers(tmp_path) -> None:
     with RedisServer(work_dir=tmp_path) as server:
         async def body() -> None:
             store = redis_store(server, "outage", timeout_s=0.5)

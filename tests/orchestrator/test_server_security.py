@@ -22,7 +22,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2
-
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.client import Conversation, run_turn
 from vitaserve.components.inprocess import InProcessComponents
@@ -44,7 +43,7 @@ def make_cert(cn: str, issuer: tuple[Any, x509.Certificate] | None, *, ca: bool 
               server: bool = False) -> tuple[bytes, bytes, Any, x509.Certificate]:
     """(key PEM, cert PEM, key, cert): self-signed when `issuer` is None."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     issuer_key, issuer_cert = issuer if issuer else (key, None)
     builder = (
         x509.CertificateBuilder()

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from vitaserve.errors import ResourceExhausted, Unauthenticated
+
 from vitaserve_orchestrator.session import DEFAULT_TENANT
 
 log = logging.getLogger(__name__)

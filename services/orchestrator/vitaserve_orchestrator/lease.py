@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 
 from vitaserve.errors import VitaserveError
+
 from vitaserve_orchestrator.session import Session, SessionStore, SessionSuperseded
 from vitaserve_orchestrator.tasks import TaskSet
 

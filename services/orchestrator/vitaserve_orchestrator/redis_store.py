@@ -24,6 +24,7 @@ sessions when it restarts; production Redis should run with AOF (`appendonly yes
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -34,8 +35,8 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-
 from vitaserve.errors import Unavailable, VitaserveError
+
 from vitaserve_orchestrator.redis_keys import RedisKeys
 from vitaserve_orchestrator.session import (
     DEFAULT_TENANT,
@@ -224,10 +225,12 @@ class RedisSessionStore(SessionStore):
             session = Session(id=new_session_id(), settings=settings, tenant=tenant,
                               frames_kept=self._frames_kept, epoch=1)
             k = self.keys
-            reply = await self._call("creating a session", lambda: self._create(
+            create = functools.partial(
+                self._create,
                 keys=[k.session(tenant, session.id), k.epoch(tenant, session.id), k.streams(tenant)],
                 args=[session_to_record(session), self._ttl_ms, session.id, self._lease_ms, max_streams],
-            ))
+            )
+            reply = await self._call("creating a session", create)
             if reply[0] == -2:
                 raise stream_limit_error(tenant, int(reply[1]), max_streams)
             if reply[0] == 1:
