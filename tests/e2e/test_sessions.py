@@ -127,6 +127,26 @@ def test_replica_killed_mid_response_the_other_resumes_with_history_intact(
     run(scenario())
 
 
+def test_a_second_stream_on_the_session_wins_and_the_first_ends_aborted(cluster: Cluster,
+                                                                          replicas: ReplicaSet) -> None:
+    async def scenario() -> None:
+        async with Conversation.open(replicas.address(0), settings=SHORT, api_key="key-acme") as old:
+            await run_turn(old, image=None, pcm16=None, text="First, on replica 0.", echo=False)
+            # The client reconnects to replica 1 while its first stream is still open on replica 0.
+            async with Conversation.open(replicas.address(1), session_id=old.session_id,
+                                         api_key="key-acme") as new:
+                assert new.started is not None and new.started.history_turns == 1
+                with pytest.raises(grpc.aio.AioRpcError) as err:  # within a lease renewal (1 s here)
+                    await asyncio.wait_for(old.next_event(), 5)
+                assert err.value.code() == grpc.StatusCode.ABORTED
+                assert "newer stream" in (err.value.details() or "")
+                await run_turn(new, image=None, pcm16=None, text="Second, on replica 1.", echo=False)
+        history = await stored_history(cluster.redis.url, old.session_id, "acme")
+        assert [u for u, _ in history] == ["First, on replica 0.", "Second, on replica 1."]
+
+    run(scenario())
+
+
 def test_tenants_keys_and_limits_across_replicas(replicas: ReplicaSet) -> None:
     a, b = replicas.address(0), replicas.address(1)
 

@@ -16,7 +16,8 @@
   that turn's history is saved, so a turn the client saw completed survives a replica crash. A save that
   fails (store down) is an `ErrorEvent` and the stream goes on;
 - the stream's lease on its session (lease.py): when a newer stream claims the session (the client
-  reconnected elsewhere), this one reports ABORTED and ends without writing anything more.
+  reconnected elsewhere), this one stops without writing anything more and `superseded` is set (the
+  servicer ends the RPC with ABORTED).
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ class Conversation:
         self._audio_in_ms = 0.0  # input audio received on this stream
         self._ended = False
         self._saving: asyncio.Task[None] | None = None  # the save of the last finished turn
+        self.superseded: SessionSuperseded | None = None  # set when a newer stream took the session
         self._lease = StreamLease(
             store, session, interval_s=config.stream_lease_s / 3, on_lost=self._on_superseded
         )
@@ -211,10 +213,11 @@ class Conversation:
             await asyncio.wait({self._saving})
 
     def _on_superseded(self, exc: SessionSuperseded) -> None:
-        """A newer stream holds the session: report it, stop, write nothing more."""
+        """A newer stream holds the session: stop, write nothing more; the transport ends the stream with
+        the status of `superseded` (ABORTED) once the queued events are sent."""
         if self._ended:
             return
-        self.report(exc)
+        self.superseded = exc
         self._ended = True
         if self._response is not None:
             self._tasks.spawn(self._response.aclose(), "stop-superseded")

@@ -19,6 +19,10 @@ Failures: a Redis that cannot be reached, is loading or is read-only raises `Una
 pooled connection that died (Redis restarted) is dropped and the operation retried once on a new one, so
 the service recovers as soon as Redis is back, without a restart. Redis without persistence loses
 sessions when it restarts; production Redis should run with AOF (`appendonly yes`).
+
+Needs Redis >= 5 (scripts read `TIME` before writing, which needs effects replication, the default since
+5). The client is a single-endpoint `redis.asyncio.Redis` (a primary, e.g. behind Sentinel or a managed
+service); the key layout already keeps each script's keys in one Redis Cluster slot.
 """
 
 from __future__ import annotations
