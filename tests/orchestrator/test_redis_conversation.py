@@ -99,7 +99,7 @@ def test_turn_end_waits_for_the_save(redis_server: RedisServer) -> None:
         assert not sending.done(), "response_done must wait for its turn's save"
         assert [t.user for t in (await store.load(sid, tenant="acme")).history] == ["first"]
         store.gate.set()
-        await asyncio.wait_for(sending, 2)
+        assert await asyncio.wait_for(sending, 2)  # sent
         # The instant the client can see response_done, another replica already sees the turn.
         assert [t.user for t in (await store.load(sid, tenant="acme")).history] == ["first", "second"]
         await stream.conv.aclose()
@@ -156,6 +156,33 @@ def test_second_stream_takes_the_session_over(redis_server: RedisServer) -> None
         assert new.conv is not None
         await new.conv.aclose()
         assert await replica_b.live_streams("acme") == 0
+        await replica_a.close()
+        await replica_b.close()
+
+    run(body())
+
+
+def test_a_turn_whose_save_a_newer_stream_refused_is_not_reported_done(redis_server: RedisServer) -> None:
+    async def body() -> None:
+        replica_a = GatedStore(redis_server.url, keys=RedisKeys("refused"), timeout_s=0.5)
+        replica_b = RedisSessionStore(redis_server.url, keys=RedisKeys("refused"), timeout_s=0.5)
+        old, new = Stream(replica_a), Stream(replica_b)
+        await old.open()
+        assert old.conv is not None
+        sid = old.conv.session.id
+        replica_a.gate.clear()
+        await old.conv.dispatch(ev.TextIn(text="lost race"))
+        while not isinstance((env := await asyncio.wait_for(old.outbox.get(), 5)).event, ev.ResponseDone):
+            pass
+        sending = asyncio.get_running_loop().create_task(old.conv.before_send(env))
+        await new.open(sid)  # takes the session while A's save is in flight
+        replica_a.gate.set()
+        assert not await asyncio.wait_for(sending, 2), "a turn that is not in history is not reported done"
+        assert old.conv.superseded is not None
+        assert (await replica_b.load(sid, tenant="acme")).history == []
+        await old.conv.aclose()
+        assert new.conv is not None
+        await new.conv.aclose()
         await replica_a.close()
         await replica_b.close()
 

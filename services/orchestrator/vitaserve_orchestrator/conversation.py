@@ -206,11 +206,14 @@ class Conversation:
             self.report(exc, event.event_id)
         return not self._ended
 
-    async def before_send(self, envelope: Envelope) -> None:
-        """The transport calls this before sending `envelope`: the end of a turn waits until that turn's
-        history is saved (bounded by the store's own timeout; a failed save is reported after it)."""
+    async def before_send(self, envelope: Envelope) -> bool:
+        """The transport calls this before sending `envelope`, and sends it only if this returns True: the
+        end of a turn waits until that turn's history is saved (bounded by the store's own timeout; a save
+        that failed is reported after it), and is not sent at all if a newer stream refused the save."""
         if self._saving is not None and isinstance(envelope.event, (ResponseDone, Interrupted)):
             await asyncio.wait({self._saving})
+            return self.superseded is None
+        return True
 
     def _on_superseded(self, exc: SessionSuperseded) -> None:
         """A newer stream holds the session: stop, write nothing more; the transport ends the stream with

@@ -4,11 +4,13 @@ Per stream: the caller's API key (metadata) names its tenant (auth.py; a missing
 RPC with UNAUTHENTICATED); the first `ClientEvent` must be a `session_update` (else INVALID_ARGUMENT); an
 unknown session id, or another tenant's, ends it with NOT_FOUND; over the tenant's stream limit,
 RESOURCE_EXHAUSTED; a session store that cannot be reached, UNAVAILABLE; a newer stream that resumed
-the same session (the client reconnected elsewhere) ends this one with ABORTED. An event over the tenant's
-message size limit is a RESOURCE_EXHAUSTED `ErrorEvent`. Then a reader task turns each protobuf event into a domain
-event for the `Conversation`, while this handler sends the `Outbox`'s events as protobuf. Errors about
-one event come back as `ErrorEvent`s and the stream goes on. The stream ends after `EndSession`, when the
-client half-closes (once a running response has played out), or when either side cancels.
+the same session (the client reconnected elsewhere) ends this one with ABORTED. An event over the
+tenant's message size limit is a RESOURCE_EXHAUSTED `ErrorEvent`. Each event goes out only once
+`Conversation.before_send` allows it (a turn's end waits for its history to be saved). Then a reader
+task turns each protobuf event into a domain event for the `Conversation`, while this handler sends the
+`Outbox`'s events as protobuf. Errors about one event come back as `ErrorEvent`s and the stream goes on.
+The stream ends after `EndSession`, when the client half-closes (once a running response has played
+out), or when either side cancels.
 """
 
 from __future__ import annotations
@@ -234,8 +236,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         )
         try:
             async for envelope in outbox:
-                await conversation.before_send(envelope)
-                yield server_event_to_proto(envelope)
+                if await conversation.before_send(envelope):
+                    yield server_event_to_proto(envelope)
             if conversation.superseded is not None:  # a newer stream holds the session
                 await abort(context, conversation.superseded)
         finally:
