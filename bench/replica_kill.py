@@ -75,7 +75,8 @@ async def _scenario(replicas: ReplicaSet, redis_url: str, *, turns: int, kills: 
     serving, session_id, n = 0, "", 0
     restarting: asyncio.Task[None] | None = None
     while True:
-        async with Conversation.open(replicas.address(serving), session_id=session_id, settings=SETTINGS) as conv:
+        address = replicas.address(serving)
+        async with Conversation.open(address, session_id=session_id, settings=SETTINGS) as conv:
             started = conv.started
             assert started is not None
             if session_id:  # a failover: compare with what the client saw completed
@@ -95,7 +96,8 @@ async def _scenario(replicas: ReplicaSet, redis_url: str, *, turns: int, kills: 
                         if restarting is not None:  # the next failover needs the other replica back
                             await restarting
                         delay = rng.uniform(0.0, turn_s * 1.5)
-                        kill_points.append({"after_turns": n, "delay_ms": round(delay * 1000), "replica": serving})
+                        kill_points.append(
+                            {"after_turns": n, "delay_ms": round(delay * 1000), "replica": serving})
                         killer = asyncio.get_running_loop().create_task(_kill_later(replicas, serving, delay))
                     try:
                         entry = await _turn(conv, f"Turn {n}: tell me one short thing.")
@@ -174,10 +176,11 @@ def replica_kill(checkpoint_dir: str | Path | None = None, *, turns: int = 12, k
                 stack.stop()
 
 
-def lost_history_turns(checkpoint_dir: str | Path | None = None, turns: int = 12, kills: int = 3, seed: int = 0,
-                       **kwargs: Any) -> int:
+def lost_history_turns(checkpoint_dir: str | Path | None = None, turns: int = 12, kills: int = 3,
+                       seed: int = 0, **kwargs: Any) -> int:
     """Completed turns missing from history after replica kills (target 0); see the module docstring."""
-    return int(replica_kill(checkpoint_dir, turns=turns, kills=kills, seed=seed, **kwargs)["lost_history_turns"])
+    report = replica_kill(checkpoint_dir, turns=turns, kills=kills, seed=seed, **kwargs)
+    return int(report["lost_history_turns"])
 
 
 def main(argv: list[str] | None = None) -> int:

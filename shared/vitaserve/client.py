@@ -257,8 +257,8 @@ async def _cli(args: argparse.Namespace) -> int:
         return 2
     settings = pb.SessionSettings(turn_detection="manual", want_audio=not args.no_audio)
     roots = Path(args.tls_ca).read_bytes() if args.tls_ca else None
-    async with Conversation.open(args.address, session_id=args.session, settings=settings, api_key=args.api_key,
-                                 root_certificates=roots) as conv:
+    async with Conversation.open(args.address, session_id=args.session, settings=settings,
+                                 api_key=args.api_key, root_certificates=roots) as conv:
         print(f"session {conv.session_id}", flush=True)
         reply, audio, rate, events = await run_turn(conv, image=image, pcm16=pcm16, text=args.text)
     if any(e.WhichOneof("event") == "error" for e in events):

@@ -126,7 +126,8 @@ def test_redis_outage_during_a_stream_reports_unavailable_and_recovers(redis_ser
         assert isinstance(events[-1].event, ev.ResponseDone)
         # The live stream wrote its whole history back; nothing else was reported.
         stored = await store.load(stream.conv.session.id, tenant="acme")
-        assert [t.user for t in stored.history] == ["before the outage", "during the outage", "after the outage"]
+        assert [t.user for t in stored.history] == [
+            "before the outage", "during the outage", "after the outage"]
         assert stream.outbox.pending() == 0
         await stream.conv.aclose()
         await store.close()

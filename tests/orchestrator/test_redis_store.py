@@ -37,7 +37,8 @@ pytestmark = [
 ]
 
 SETTINGS = SessionSettings.resolve(
-    SettingsUpdate(turn_detection="manual", seed=7, system_prompt="Réponds en français ✓", max_reply_tokens=9),
+    SettingsUpdate(turn_detection="manual", seed=7, system_prompt="Réponds en français ✓",
+                   max_reply_tokens=9),
     make_config(),
 )
 

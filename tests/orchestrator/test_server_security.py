@@ -74,7 +74,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     files = {"ca": ca_pem, "server_key": server_key, "server_cert": server_pem}
     for name, data in files.items():
         (d / f"{name}.pem").write_bytes(data)
-    return {"dir": d, "ca": ca_pem, "client_key": client_key, "client_cert": client_pem, "other_ca": other_ca_pem}
+    return {"dir": d, "ca": ca_pem, "client_key": client_key, "client_cert": client_pem,
+            "other_ca": other_ca_pem}
 
 
 @pytest.fixture()
@@ -141,10 +142,12 @@ def test_api_keys_tenants_and_message_limit(components: InProcessComponents, tmp
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await asyncio.wait_for(one_turn(address, **kwargs), 10)
                 assert err.value.code() == code, err.value
-            async with Conversation.open(address, settings=SETTINGS, metadata=(("x-api-key", "key-small"),)) as conv:
+            small_key = (("x-api-key", "key-small"),)
+            async with Conversation.open(address, settings=SETTINGS, metadata=small_key) as conv:
                 await conv.send_text("x" * 3000)  # over this tenant's 2000 bytes
                 error = await conv.next_event()
-                assert error.error.code == "RESOURCE_EXHAUSTED" and "max_message_bytes=2000" in error.error.message
+                assert error.error.code == "RESOURCE_EXHAUSTED"
+                assert "max_message_bytes=2000" in error.error.message
                 with pytest.raises(grpc.aio.AioRpcError) as err:  # the tenant's one stream is in use
                     await asyncio.wait_for(one_turn(address, api_key="key-small"), 10)
                 assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -108,7 +108,9 @@ class KeyTable:
                 raise ValueError(f"keys[{i}] must be a mapping")
             digest = str(entry.get("sha256", "")).lower()
             if not _SHA256_HEX.match(digest):
-                raise ValueError(f"keys[{i}].sha256 must be 64 hex digits (python -m {__spec__.name} hash-key)")
+                raise ValueError(
+                    f"keys[{i}].sha256 must be 64 hex digits (python -m vitaserve_orchestrator.auth hash-key)"
+                )
             name = check_tenant_name(entry.get("tenant", ""))
             tenant = tenants.get(name) or Tenant(name, max_streams, max_message_bytes)
             keys.append((bytes.fromhex(digest), tenant))

@@ -263,7 +263,8 @@ class RedisSessionStore(SessionStore):
     def _decode(self, raw: bytes, tenant: str, session_id: str, *, epoch: int) -> Session:
         session = session_from_record(raw, frames_kept=self._frames_kept, epoch=epoch)
         if session.tenant != tenant or session.id != session_id:  # a key written by hand, or a bug
-            raise VitaserveError(f"session record under {self.keys.session(tenant, session_id)} is not its own")
+            key = self.keys.session(tenant, session_id)
+            raise VitaserveError(f"the session record under {key} names another session")
         return session
 
     async def save(self, session: Session) -> None:
