@@ -134,3 +134,11 @@ def test_settings_of_sessions_auth_and_tls(tmp_path: Path) -> None:
         make_config(tls_cert_file=cert, tls_key_file=tmp_path / "missing.pem")
     with pytest.raises(ValidationError, match="mTLS"):
         make_config(tls_client_ca_file=cert)
+
+
+def test_the_process_refuses_to_start_with_redis_and_no_url() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VITASERVE_")}
+    env.update(VITASERVE_TRITON_URL="127.0.0.1:1", VITASERVE_SESSION_STORE="redis")
+    done = subprocess.run([sys.executable, "-m", "vitaserve_orchestrator"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "VITASERVE_REDIS_URL" in done.stderr
