@@ -350,8 +350,9 @@ class DecoupledStream:
     def post(self, make: Callable[[], Any]) -> None:
         self._work.put(lambda: self._send(make))
 
-    def close(self, *, outcome: str = "done", error: BaseException | None = None) -> None:
-        self._work.put(lambda: self._close(outcome, error))
+    def close(self, *, outcome: str = "done", error: BaseException | None = None, note: str = "") -> None:
+        """Send the final flag (after everything posted before); `note` is appended to the log line."""
+        self._work.put(lambda: self._close(outcome, error, note))
 
     def _send(self, make: Callable[[], Any]) -> None:
         if self._closed:
@@ -359,7 +360,7 @@ class DecoupledStream:
         self._sender.send(make())
         self.sent += 1
 
-    def _close(self, outcome: str, error: BaseException | None) -> None:
+    def _close(self, outcome: str, error: BaseException | None, note: str) -> None:
         if self._closed:
             return
         self._closed = True
@@ -377,4 +378,4 @@ class DecoupledStream:
         finally:
             self._request = None
         pb.Logger.log_info(f"{model} request_id={self.request_id!r} responses={self.sent} "
-                           f"outcome={outcome} seconds={time.monotonic() - self.started:.3f}")
+                           f"outcome={outcome} seconds={time.monotonic() - self.started:.3f}{' ' + note if note else ''}")

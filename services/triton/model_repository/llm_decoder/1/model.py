@@ -33,18 +33,20 @@ class _TokenResponses:
 
     def __init__(self, stream, detokenizer):
         self.stream, self.detok = stream, detokenizer
+        self.handle = None  # the engine's RequestHandle, set once submitted
 
     def on_token(self, token_id):
         self.stream.post(lambda: _response(token_id, self.detok.push(token_id), ""))
 
     def on_finish(self, reason, error):
+        note = f"kv_reused={self.handle.reused_tokens}" if self.handle is not None else ""
         if error is not None:
-            self.stream.close(error=error)
+            self.stream.close(error=error, note=note)
         elif reason == "cancelled":
-            self.stream.close(outcome="cancelled")
+            self.stream.close(outcome="cancelled", note=note)
         else:
             self.stream.post(lambda: _response(NO_TOKEN, self.detok.flush(), reason))
-            self.stream.close()
+            self.stream.close(note=note)
 
 
 class TritonPythonModel:
@@ -85,8 +87,9 @@ class TritonPythonModel:
                 )
                 prepared = self.engine.prepare(inputs.text("PROMPT"), media, params)
                 session = inputs.text("SESSION_ID") if inputs.array("SESSION_ID") is not None else ""
-                self.engine.submit(prepared, _TokenResponses(stream, self.detokenizer()), session_id=session,
-                                   is_cancelled=stream.is_cancelled)
+                sink = _TokenResponses(stream, self.detokenizer())
+                sink.handle = self.engine.submit(prepared, sink, session_id=session,
+                                                 is_cancelled=stream.is_cancelled)
             except Exception as exc:  # noqa: BLE001 - every request gets an answer
                 stream.close(error=exc)
         return None
