@@ -11,7 +11,8 @@ picked (in this process, with the same weights) among candidates whose greedy re
 before `--tokens`, so every request generates exactly that many tokens (checked on every stream).
 
 - tokens_per_s_1: the first 16 requests one after another (one session at a time), total tokens / time;
-- tokens_per_s_16: the same 16 requests all at once (16 concurrent sessions); ratio = 16 over 1;
+- tokens_per_s_16: the same 16 requests all at once (16 concurrent sessions); ratio = 16 over 1
+  (each the best of two rounds);
 - baseline_tokens_per_s: the same 16 requests one after another with plain transformers `generate`
   (same model weights, `inputs_embeds`, greedy, same torch threads as the Triton instance) in this process;
 - errors_64: failed or short streams with 64 concurrent sessions (64 requests at once).
@@ -88,10 +89,14 @@ async def measure(url: str, prompts: list[str], tokens: int) -> dict[str, float]
     client = TritonComponents(url, components=["llm_decoder"])
     try:
         await stream(client, prompts[0], 8, "warmup")
-        started = time.perf_counter()
-        one = [await stream(client, p, tokens, f"s{i}") for i, p in enumerate(prompts[:16])]
-        t1 = time.perf_counter() - started
-        assert all(n == tokens for n in one), one
+        # Best of two rounds for both figures (the machine may be shared).
+        best1 = 0.0
+        for rnd in range(2):
+            started = time.perf_counter()
+            one = [await stream(client, p, tokens, f"s{rnd}-{i}") for i, p in enumerate(prompts[:16])]
+            t1 = time.perf_counter() - started
+            assert all(n == tokens for n in one), one
+            best1 = max(best1, sum(one) / t1)
 
         best16 = 0.0
         for rnd in range(2):
@@ -106,7 +111,7 @@ async def measure(url: str, prompts: list[str], tokens: int) -> dict[str, float]
         errors = [r for r in results if isinstance(r, BaseException) or r != tokens]
         if errors:
             print(f"errors with 64 sessions: {errors[:3]}", file=sys.stderr)
-        return {"tokens_per_s_1": sum(one) / t1, "tokens_per_s_16": best16, "errors_64": len(errors)}
+        return {"tokens_per_s_1": best1, "tokens_per_s_16": best16, "errors_64": len(errors)}
     finally:
         await client.close()
 

@@ -287,9 +287,10 @@ class ResponseDispatcher:
 
     def __init__(self, model: str, threads: int = 4) -> None:
         self.model = model
-        self._queues: list[queue.SimpleQueue[Callable[[], None] | None]] = [queue.SimpleQueue() for _ in range(threads)]
-        self._threads = [threading.Thread(target=self._run, args=(q,), name=f"{model}-responses-{i}", daemon=True)
-                         for i, q in enumerate(self._queues)]
+        self._queues: list[queue.SimpleQueue[Callable[[], None] | None]] = [
+            queue.SimpleQueue() for _ in range(threads)]
+        self._threads = [threading.Thread(target=self._run, args=(q,), name=f"{model}-responses-{i}",
+                                          daemon=True) for i, q in enumerate(self._queues)]
         self._next = 0
         for thread in self._threads:
             thread.start()
@@ -377,5 +378,6 @@ class DecoupledStream:
             pb.Logger.log_warn(f"{model}: could not close request {self.request_id!r}: {exc}")
         finally:
             self._request = None
+        note = f" {note}" if note else ""
         pb.Logger.log_info(f"{model} request_id={self.request_id!r} responses={self.sent} "
-                           f"outcome={outcome} seconds={time.monotonic() - self.started:.3f}{' ' + note if note else ''}")
+                           f"outcome={outcome} seconds={time.monotonic() - self.started:.3f}{note}")
