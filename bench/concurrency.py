@@ -15,7 +15,9 @@ before `--tokens`, so every request generates exactly that many tokens (checked 
   (each the best of two rounds);
 - baseline_tokens_per_s: the same 16 requests one after another with plain transformers `generate`
   (same model weights, `inputs_embeds`, greedy, same torch threads as the Triton instance) in this process;
-- errors_64: failed or short streams with 64 concurrent sessions (64 requests at once).
+- errors_64: failed or short streams with 64 concurrent sessions (64 requests at once);
+- engine_tokens_per_s_1 / _16: the same 16 requests on the batch engine alone in this process (no Triton,
+  no gRPC), one after another and all at once: what the engine does without the per-token transport.
 
 Torch threads: the Triton instance gets `--threads` (VITASERVE_CPU_THREADS) and so does the baseline.
 """
@@ -31,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vitaserve.components.base import GenerationParams
@@ -43,9 +46,9 @@ from vitaserve.triton.launcher import TritonServer
 from vitaserve.triton.repository import CHECKED_IN
 
 
-def pick_prompts(checkpoint: CheckpointDir, n: int, tokens: int) -> tuple[list[str], float]:
-    """`n` prompts whose greedy reply runs `tokens` tokens without a stop id; also the baseline: the
-    first 16 served one after another by transformers `generate` (tokens/s)."""
+def pick_prompts(checkpoint: CheckpointDir, n: int, tokens: int) -> tuple[list[str], float, dict[str, float]]:
+    """`n` prompts whose greedy reply runs `tokens` tokens without a stop id; also the baseline (the
+    first 16 served one after another by transformers `generate`, tokens/s) and `engine_figures`."""
     from vitaserve.components.engines import LLMEngine
 
     llm = LLMEngine(checkpoint)  # tokenizer + stop ids; its batch engine is never started
@@ -74,7 +77,46 @@ def pick_prompts(checkpoint: CheckpointDir, n: int, tokens: int) -> tuple[list[s
                                  max_new_tokens=tokens, do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
             produced += out.shape[1]
         baseline = produced / (time.perf_counter() - started)
-    return prompts, baseline
+    return prompts, baseline, engine_figures(model, embeds[:16], tokens, stops)
+
+
+class _Count:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def on_token(self, token_id: int) -> None:
+        self.n += 1
+
+    def on_finish(self, reason: str, error: object) -> None:
+        pass
+
+
+def engine_figures(model: torch.nn.Module, embeds: list[torch.Tensor], tokens: int, stops: list[int]
+                   ) -> dict[str, float]:
+    """The batch engine alone in this process (no Triton, no gRPC): 16 requests one after another and
+    all at once, driven step by step. Shows how much of the Triton figures is the engine."""
+    from vitaserve.batching import BatchEngine
+    from vitaserve.models.llm import SamplingParams
+
+    params = SamplingParams.checked(tokens, 0.0, 0, 1.0, None, stops)
+    engine = BatchEngine(model, start=False)
+
+    def run(batch: list[torch.Tensor]) -> int:
+        sinks = [_Count() for _ in batch]
+        for emb, sink in zip(batch, sinks):
+            engine.submit(emb, np.zeros(len(emb), np.int64), params, sink)
+        while engine.step():
+            pass
+        return sum(s.n for s in sinks)
+
+    run(embeds[:2])  # warm-up
+    started = time.perf_counter()
+    one = sum(run([emb]) for emb in embeds)
+    t1 = time.perf_counter() - started
+    started = time.perf_counter()
+    many = run(embeds)
+    t16 = time.perf_counter() - started
+    return {"engine_tokens_per_s_1": one / t1, "engine_tokens_per_s_16": many / t16}
 
 
 async def stream(client: TritonComponents, prompt: str, tokens: int, rid: str) -> int:
@@ -125,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="vitaserve-bench-") as tmp:
         ckpt = write_tiny_checkpoint(Path(tmp) / "ckpt", seed=0)
-        prompts, baseline = pick_prompts(CheckpointDir(ckpt), 64, args.tokens)
+        prompts, baseline, engine = pick_prompts(CheckpointDir(ckpt), 64, args.tokens)
         env = {ENV_CHECKPOINT_DIR: str(ckpt), ENV_CPU_THREADS: str(args.threads)}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # the launcher hands this process's environment to the server
@@ -140,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop()
     result["baseline_tokens_per_s"] = baseline
+    result.update(engine)
     result["ratio"] = result["tokens_per_s_16"] / result["tokens_per_s_1"]
     result["ratio_vs_baseline"] = result["tokens_per_s_16"] / baseline
     result["tokens_per_request"] = args.tokens
