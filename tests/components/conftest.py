@@ -1,9 +1,11 @@
 """Fixtures of the component tests: the four engines on the tiny golden checkpoint (built once per
-session and shared by the unit and integration tests), golden media, and a prompt builder."""
+session and shared by the unit and integration tests), one real Triton serving the checked-in repository
+on the same checkpoint (started on first use, shared by every integration module), golden media, and a
+prompt builder."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,23 @@ import pytest
 from vitaserve.models.audio import decode_audio, to_mono_16k
 from vitaserve.models.checkpoint import CheckpointDir
 from vitaserve.models.prompt import build_prompt
+from vitaserve.triton.backend import ENV_CHECKPOINT_DIR
+from vitaserve.triton.launcher import TritonServer
+from vitaserve.triton.repository import CHECKED_IN
+
+
+@pytest.fixture(scope="session")
+def triton_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+    """Triton with the four checked-in models; they find the checkpoint through VITASERVE_CHECKPOINT_DIR
+    (the launcher passes the test process's environment to the server)."""
+    log_path = tmp_path_factory.mktemp("triton") / "tritonserver.log"  # kept for debugging failures
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(ENV_CHECKPOINT_DIR, str(tiny_checkpoint))
+        srv = TritonServer(CHECKED_IN, startup_timeout=120, log_path=log_path).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 @pytest.fixture(scope="session")

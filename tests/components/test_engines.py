@@ -175,7 +175,7 @@ def test_llm_cancellation_stops_before_the_next_token(engines, make_prompt, medi
                                                   GenerationParams(max_tokens=8192), is_cancelled))
     assert [d.token_id is not None for d in deltas] == [True, True, True, False]
     assert deltas[-1].finish_reason == "cancelled"
-    assert is_cancelled.calls == 4
+    assert is_cancelled.calls >= 4  # also polled while waiting for the batch engine
 
 
 def test_llm_closing_the_stream_stops_generation(engines, make_prompt, media) -> None:

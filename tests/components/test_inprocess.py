@@ -27,8 +27,8 @@ class CountingLLM:
         self.produced = 0
         self.finished = threading.Event()
 
-    def generate(self, prompt, media, params, is_cancelled) -> Iterator[TokenDelta]:  # noqa: ANN001
-        inner = self.engine.generate(prompt, media, params, is_cancelled)
+    def generate(self, prompt, media, params, is_cancelled, session_id="") -> Iterator[TokenDelta]:  # noqa: ANN001
+        inner = self.engine.generate(prompt, media, params, is_cancelled, session_id=session_id)
 
         def run() -> Iterator[TokenDelta]:
             try:

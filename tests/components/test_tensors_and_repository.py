@@ -24,7 +24,7 @@ from vitaserve.components.tensors import (
     unpack_media,
 )
 from vitaserve.errors import InvalidInput, ResourceExhausted, Unavailable, VitaserveError
-from vitaserve.triton.repository import CHECKED_IN, render_config, render_repository
+from vitaserve.triton.repository import CHECKED_IN, LLM_ENGINE_DEFAULTS, render_config, render_repository
 
 pytestmark = pytest.mark.unit
 
@@ -71,9 +71,29 @@ def test_gpu_rendering(tmp_path: Path) -> None:
     assert llm["instance_group"] == [{"kind": "KIND_GPU", "count": 2}]
     params = {k: v["string_value"] for k, v in llm["parameters"].items()}
     assert params == {"checkpoint_dir": "/models/VITA-1.5", "dtype": "bfloat16", "device": "cuda",
-                      "max_streams": "8"}
+                      **LLM_ENGINE_DEFAULTS}  # the LLM batches every stream on one engine thread
     assert (out / "llm_decoder" / "1" / "model.py").read_text() == (
         CHECKED_IN / "llm_decoder" / "1" / "model.py").read_text()
+
+
+def test_llm_engine_parameters_render_and_parse(tmp_path: Path) -> None:
+    from vitaserve.batching import EngineConfig
+
+    defaults = EngineConfig.from_parameters(LLM_ENGINE_DEFAULTS)
+    assert defaults == EngineConfig(), "LLM_ENGINE_DEFAULTS differ from EngineConfig's defaults"
+    out = render_repository(tmp_path, models=["llm_decoder", "speech_synth"], max_streams=8,
+                            llm_engine={"max_batch": "64", "kv_cache_bytes": "1048576"})
+    llm = {k: v["string_value"] if v else "" for k, v in parsed((out / "llm_decoder" / "config.pbtxt").read_text())
+           ["parameters"].items()}
+    assert EngineConfig.from_parameters(llm) == EngineConfig(max_batch=64, kv_cache_bytes=1048576)
+    speech = parsed((out / "speech_synth" / "config.pbtxt").read_text())["parameters"]
+    assert speech["max_streams"]["string_value"] == "8"
+    with pytest.raises(ValueError, match="unknown llm_decoder engine parameter"):
+        render_repository(tmp_path, models=["llm_decoder"], llm_engine={"max_batchh": "3"})
+    with pytest.raises(ValueError, match="max_batch must be an integer"):
+        EngineConfig.from_parameters({"max_batch": "lots"})
+    with pytest.raises(ValueError, match="prefix_cache must be true or false"):
+        EngineConfig.from_parameters({"prefix_cache": "maybe"})
 
 
 def test_render_rejects_bad_options(tmp_path: Path) -> None:

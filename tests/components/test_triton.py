@@ -1,7 +1,7 @@
 """Integration tests of `TritonComponents` against a real Triton serving the checked-in model repository
 (`services/triton/model_repository`) on the tiny golden checkpoint.
 
-One server is shared by the module; its models find the checkpoint through VITASERVE_CHECKPOINT_DIR (the
+One server is shared by the session (`triton_server` in conftest.py); its models find the checkpoint through VITASERVE_CHECKPOINT_DIR (the
 launcher passes the test process's environment to the server). Results are compared with the same
 engines run in-process: same embeddings, same greedy tokens, same seeded speech.
 """
@@ -30,15 +30,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
-    log_path = tmp_path_factory.mktemp("triton") / "tritonserver.log"  # kept for debugging failures
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv(ENV_CHECKPOINT_DIR, str(tiny_checkpoint))  # copied into the server's environment
-        srv = TritonServer(CHECKED_IN, startup_timeout=120, log_path=log_path).start()
-    try:
-        yield srv
-    finally:
-        srv.stop()
+def server(triton_server: TritonServer) -> TritonServer:
+    return triton_server  # shared with the other integration modules (conftest.py)
 
 
 def run(coro_fn, url: str, **kwargs):  # noqa: ANN001, ANN201

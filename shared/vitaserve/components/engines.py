@@ -5,7 +5,8 @@ component holds only that component's memory:
 
 - `VisionEngine`  image bytes -> tiles -> one batched InternViT forward -> 256 LLM rows per tile
 - `AudioEngine`   16 kHz PCM -> fbank -> one padded batch through the whale encoder + adapter
-- `LLMEngine`     ChatML prompt + media rows -> streamed `TokenDelta`s (cancellable between tokens)
+- `LLMEngine`     ChatML prompt + media rows -> streamed `TokenDelta`s (cancellable between tokens); requests
+                  of all callers share decode steps in one `vitaserve.batching.BatchEngine`
 - `SpeechEngine`  a text segment -> speech codes -> streamed 24 kHz float32 PCM chunks (cancellable)
 
 Batched engines split their work into `preprocess` (per item; a bad item raises `InvalidInput` without
@@ -21,21 +22,24 @@ tokenizer (whose encode mutates its Rust state) is used under a lock.
 from __future__ import annotations
 
 import math
+import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from vitaserve.batching import BatchEngine, EngineConfig, RequestHandle, TokenSink, sequence_keys
 from vitaserve.components.base import GenerationParams, ImageInput, TokenDelta
-from vitaserve.errors import InvalidInput
+from vitaserve.errors import InvalidInput, VitaserveError
 from vitaserve.models.audio import kaldi_fbank, validate_waveform
 from vitaserve.models.checkpoint import CheckpointDir
 from vitaserve.models.codec import StreamingDecoder
 from vitaserve.models.configs import AUDIO_TOKEN_ID, IMAGE_TOKEN_ID, SPEECH_SAMPLE_RATE, TOKENS_PER_TILE
 from vitaserve.models.image import DEFAULT_MAX_PIXELS, decode_image, dynamic_preprocess, tiles_to_pixel_values
-from vitaserve.models.llm import StreamDetokenizer, TokenStream
+from vitaserve.models.llm import SamplingParams, StreamDetokenizer
 from vitaserve.models.prompt import ENDOFTEXT, IM_END, strip_state_marks, tokenize_with_placeholders
 
 IsCancelled = Callable[[], bool]
@@ -202,14 +206,44 @@ def check_generation_params(params: GenerationParams) -> GenerationParams:
     return params
 
 
-class LLMEngine:
-    """Streamed generation for one ChatML prompt with its media rows spliced into the placeholders."""
+@dataclass(frozen=True)
+class PreparedPrompt:
+    """A validated request for the batch engine: spliced prompt rows, their prefix-cache keys, sampling."""
 
-    def __init__(self, checkpoint: CheckpointDir, *, dtype: str = "float32", device: str = "cpu") -> None:
+    embeds: torch.Tensor
+    keys: np.ndarray
+    sampling: SamplingParams
+
+
+class _QueueSink:
+    """A TokenSink that hands the engine's results to the thread iterating `LLMEngine.generate`."""
+
+    def __init__(self) -> None:
+        self.items: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+
+    def on_token(self, token_id: int) -> None:
+        self.items.put(("token", token_id))
+
+    def on_finish(self, reason: str, error: VitaserveError | None) -> None:
+        self.items.put(("finish", (reason, error)))
+
+
+class LLMEngine:
+    """Streamed generation for ChatML prompts with their media rows spliced into the placeholders.
+
+    Every request goes through one `vitaserve.batching.BatchEngine` (started at the first request), so
+    concurrent callers share decode steps. `engine_config` sets its KV budget, batch and queue sizes.
+    """
+
+    def __init__(self, checkpoint: CheckpointDir, *, dtype: str = "float32", device: str = "cpu",
+                 engine_config: EngineConfig | None = None) -> None:
         self.model = checkpoint.load_llm(dtype, device)
         self.tokenizer = LockedTokenizer(checkpoint.tokenizer())
         self.hidden_size = int(self.model.config.hidden_size)
         self.stop_ids = self._stop_ids(checkpoint.raw_config)
+        self.engine_config = engine_config or EngineConfig()
+        self._batcher: BatchEngine | None = None
+        self._batcher_lock = threading.Lock()
 
     def _stop_ids(self, raw_config: dict[str, Any]) -> frozenset[int]:
         """`<|im_end|>` (the end of a ChatML turn), `<|endoftext|>`, and the tokenizer's and config's eos."""
@@ -218,37 +252,64 @@ class LLMEngine:
         ids.update(eos if isinstance(eos, list) else [eos])
         return frozenset(int(i) for i in ids if i is not None)
 
-    def generate(self, prompt: str, media: Sequence[np.ndarray], params: GenerationParams,
-                 is_cancelled: IsCancelled = _never) -> Iterator[TokenDelta]:
-        """Validate and prepare (raising InvalidInput at once), then return the stream of deltas.
+    @property
+    def batcher(self) -> BatchEngine:
+        with self._batcher_lock:
+            if self._batcher is None:
+                self._batcher = BatchEngine(self.model, self.engine_config)
+            return self._batcher
 
-        `media[k]` fills the k-th placeholder of `prompt`: 256 rows for `<image>`, at least one for
-        `<audio>`, each (rows, H). The last delta has `finish_reason` "stop", "length" or "cancelled" and
-        carries no token; `is_cancelled()` is polled before every token.
-        """
+    def close(self) -> None:
+        """Stop the batch engine; unfinished requests end with Unavailable."""
+        with self._batcher_lock:
+            batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
+
+    def prepare(self, prompt: str, media: Sequence[np.ndarray], params: GenerationParams) -> PreparedPrompt:
+        """Validate and splice (raising InvalidInput): `media[k]` fills the k-th placeholder of `prompt`,
+        256 rows for `<image>`, at least one for `<audio>`, each (rows, H)."""
         check_generation_params(params)
         if not isinstance(prompt, str) or not prompt:
             raise InvalidInput("prompt must be a non-empty string")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InvalidInput(f"prompt is too long: {len(prompt)} characters, at most {MAX_PROMPT_CHARS}")
         ids = tokenize_with_placeholders(self.tokenizer, prompt)
-        images, audios = self._check_media(ids, media)
-        embeds = self.model.splice_embeddings(ids, images, audios)
-        tokens = self.model.generate_stream(
-            embeds, max_new_tokens=params.max_tokens, temperature=float(params.temperature),
-            top_k=int(params.top_k), top_p=float(params.top_p), seed=params.seed, stop_ids=self.stop_ids,
-        )
-        return self._deltas(tokens, is_cancelled)
+        images, audios, arrays = self._check_media(ids, media)
+        embeds = self.model._check_embeds(self.model.splice_embeddings(ids, images, audios))  # finite rows
+        sampling = SamplingParams.checked(int(params.max_tokens), float(params.temperature), int(params.top_k),
+                                          float(params.top_p), None if params.seed is None else int(params.seed),
+                                          self.stop_ids)
+        return PreparedPrompt(embeds, sequence_keys(ids, arrays), sampling)
+
+    def submit(self, prepared: PreparedPrompt, sink: TokenSink, *, session_id: str = "",
+               is_cancelled: IsCancelled | None = None) -> RequestHandle:
+        """Queue a prepared request on the batch engine (ResourceExhausted when its queue is full)."""
+        return self.batcher.submit(prepared.embeds, prepared.keys, prepared.sampling, sink,
+                                   session_id=session_id, is_cancelled=is_cancelled)
+
+    def generate(self, prompt: str, media: Sequence[np.ndarray], params: GenerationParams,
+                 is_cancelled: IsCancelled = _never, *, session_id: str = "") -> Iterator[TokenDelta]:
+        """Validate, prepare and queue (raising InvalidInput / ResourceExhausted at once), then return the
+        stream of deltas.
+
+        The last delta has `finish_reason` "stop", "length" or "cancelled" and carries no token;
+        `is_cancelled()` is polled before every token (and while waiting), and closing the stream cancels
+        the request in the engine. `session_id` lets the session's next turn reuse this one's KV cache.
+        """
+        sink = _QueueSink()
+        handle = self.submit(self.prepare(prompt, media, params), sink, session_id=session_id)
+        return self._deltas(sink, handle, is_cancelled)
 
     def _check_media(self, ids: list[int], media: Sequence[np.ndarray]
-                     ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+                     ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[np.ndarray]]:
         kinds = ["<image>" if i == IMAGE_TOKEN_ID else "<audio>" for i in ids
                  if i in (IMAGE_TOKEN_ID, AUDIO_TOKEN_ID)]
         media = list(media)
         if len(media) != len(kinds):
             raise InvalidInput(f"the prompt has {len(kinds)} media placeholder(s) ({', '.join(kinds) or 'none'}) "
                                f"but {len(media)} media array(s) were given")
-        images, audios = [], []
+        images, audios, arrays = [], [], []
         for k, (kind, rows) in enumerate(zip(kinds, media)):
             arr = np.asarray(rows)
             if arr.ndim != 2 or arr.shape[1] != self.hidden_size or not np.issubdtype(arr.dtype, np.floating):
@@ -259,10 +320,12 @@ class LLMEngine:
                                    f"rows (one tile), got {arr.shape[0]}")
             if arr.shape[0] == 0:
                 raise InvalidInput(f"media[{k}] (for {kind}) has no rows")
-            (images if kind == "<image>" else audios).append(torch.from_numpy(arr.astype(np.float32)))
-        return (torch.stack(images) if images else None), audios
+            arr = arr.astype(np.float32)
+            arrays.append(arr)
+            (images if kind == "<image>" else audios).append(torch.from_numpy(arr))
+        return (torch.stack(images) if images else None), audios, arrays
 
-    def _deltas(self, tokens: TokenStream, is_cancelled: IsCancelled) -> Iterator[TokenDelta]:
+    def _deltas(self, sink: _QueueSink, handle: RequestHandle, is_cancelled: IsCancelled) -> Iterator[TokenDelta]:
         detok = StreamDetokenizer(self.tokenizer)
         finish = None
         try:
@@ -271,13 +334,20 @@ class LLMEngine:
                     finish = "cancelled"
                     break
                 try:
-                    token = next(tokens)
-                except StopIteration:
-                    finish = tokens.state.finish_reason or "stop"
-                    break
-                yield TokenDelta(int(token), detok.push(int(token)))
+                    kind, value = sink.items.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+                if kind == "token":
+                    yield TokenDelta(int(value), detok.push(int(value)))
+                    continue
+                reason, error = value
+                if error is not None:
+                    raise error
+                finish = reason
+                break
         finally:
-            tokens.close()
+            if not handle.done:
+                handle.cancel()  # closed early or cancelled: frees the engine slot at its next step
         yield TokenDelta(None, detok.flush(), finish_reason=finish)
 
 

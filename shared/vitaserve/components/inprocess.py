@@ -114,7 +114,9 @@ class InProcessComponents(ComponentClient):
     ) -> AsyncIterator[TokenDelta]:
         engine = self.engine("llm_decoder")
         media = list(media)
-        return self._stream("llm_decoder", lambda cancelled: engine.generate(prompt, media, params, cancelled))
+        # session_id lets the session's next turn reuse this one's KV cache (the engine's prefix cache)
+        return self._stream("llm_decoder", lambda cancelled: engine.generate(prompt, media, params, cancelled,
+                                                                             session_id=session_id))
 
     def synthesize(
         self, text: str, *, first_sentence: bool = False, seed: int | None = None, request_id: str = ""

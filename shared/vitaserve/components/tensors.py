@@ -13,14 +13,14 @@ Models (dims exclude the batch dimension when `max_batch_size > 0`):
     audio_encoder   batched (dynamic, ragged: requests of different lengths share one execute)
         PCM FP32 [-1]            16 kHz mono in [-1, 1)
         -> EMBEDDINGS FP32 [-1, -1]   (n_tokens, H) for one `<audio>` placeholder
-    llm_decoder     decoupled (one response per token)
+    llm_decoder     decoupled (one response per token; continuous batching across requests)
         PROMPT BYTES [1]         ChatML prompt (UTF-8) with `<image>`/`<audio>` placeholders
         MEDIA_EMBEDS FP32 [-1, -1]  optional: the rows of all placeholders, concatenated in prompt order
         MEDIA_ROWS INT32 [-1]    optional: rows per placeholder (sums to MEDIA_EMBEDS' row count)
         MAX_TOKENS INT32 [1], TEMPERATURE FP32 [1], TOP_P FP32 [1], TOP_K INT32 [1]
         SEED INT64 [1]           optional: reproducible sampling
-        SESSION_ID BYTES [1]     optional: the caller's session (accepted but unused: reserved for
-                                 sticky routing and KV-cache reuse across turns)
+        SESSION_ID BYTES [1]     optional: the caller's session; its next request reuses the KV cache of
+                                 this one where the prompt extends it exactly (`vitaserve.batching`)
         -> TOKEN_ID INT64 [1]    the token, or -1 on a last response that carries no token
            TEXT BYTES [1]        the text this token completes (UTF-8; may be empty)
            FINISH_REASON BYTES [1]  empty until the last response: "stop" | "length"

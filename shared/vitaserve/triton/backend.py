@@ -9,6 +9,9 @@ These helpers run inside Triton's Python stub: the functions that build response
 - `execute_batched(...)`: one engine call for all requests of an `execute()`, one answer per request;
 - `StreamWorkers`: serve decoupled requests on worker threads, stop on cancellation, always send the
   final flag, log one line per request;
+- `ResponseDispatcher` / `DecoupledStream`: for models whose own engine thread produces the results
+  (llm_decoder's batch engine): responses are sent on one dispatcher thread in order, so the engine never
+  waits on Triton's IPC; the final flag is sent exactly once and one line is logged per request;
 - `error_response(exc)`: a `TritonError` whose code and message carry the `VitaserveError`.
 
 Parameters (config.pbtxt `parameters`, all strings):
@@ -16,6 +19,7 @@ Parameters (config.pbtxt `parameters`, all strings):
     dtype           float32 (default) | bfloat16 | float16
     device          cpu (default) | cuda (the instance's GPU under KIND_GPU) | cuda:N
     max_streams     decoupled models: streams one instance serves at once (default 1)
+    (any other)     model-specific, in `ModelSettings.params` (llm_decoder: `EngineConfig.from_parameters`)
     cpu_threads     (optional) torch threads per instance on the CPU; empty = VITASERVE_CPU_THREADS, 0 = torch default
 """
 
@@ -23,13 +27,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -67,6 +72,7 @@ class ModelSettings:
     dtype: str
     device: str
     max_streams: int
+    params: dict[str, str] = field(default_factory=dict)  # every parameter, as strings
 
 
 def _limit_cpu_threads(model: str, value: str, device: str) -> None:
@@ -106,7 +112,7 @@ def load_settings(args: dict[str, str], spec: ModelSpec) -> ModelSettings:
     if max_streams < 1:
         raise RuntimeError(f"model {spec.name!r}: max_streams must be >= 1, got {max_streams}")
     _limit_cpu_threads(spec.name, params.get("cpu_threads") or os.environ.get(ENV_CPU_THREADS, ""), device)
-    return ModelSettings(checkpoint_dir, params.get("dtype") or "float32", device, max_streams)
+    return ModelSettings(checkpoint_dir, params.get("dtype") or "float32", device, max_streams, params)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -269,3 +275,109 @@ class StreamWorkers:
         UNAVAILABLE, and wait for the threads."""
         self._stopping.set()
         self._pool.shutdown(wait=True)
+
+
+class ResponseDispatcher:
+    """Threads that send the responses of every `DecoupledStream` of a model.
+
+    A send waits for Triton's IPC round trip (about 0.1-0.5 ms on a CPU host), with the GIL released, so
+    `threads` senders overlap those waits; each stream is pinned to one thread, which keeps its responses
+    in order.
+    """
+
+    def __init__(self, model: str, threads: int = 4) -> None:
+        self.model = model
+        self._queues: list[queue.SimpleQueue[Callable[[], None] | None]] = [
+            queue.SimpleQueue() for _ in range(threads)]
+        self._threads = [threading.Thread(target=self._run, args=(q,), name=f"{model}-responses-{i}",
+                                          daemon=True) for i, q in enumerate(self._queues)]
+        self._next = 0
+        for thread in self._threads:
+            thread.start()
+
+    def open(self, request: Any) -> DecoupledStream:
+        self._next = (self._next + 1) % len(self._queues)
+        return DecoupledStream(self, request, self._queues[self._next])
+
+    def _run(self, work: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+        while (fn := work.get()) is not None:
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 - one broken response must not stop the others
+                _pb().Logger.log_error(f"{self.model}: sending a response failed: {exc}")
+
+    def shutdown(self) -> None:
+        """Send everything already posted, then stop the threads."""
+        for work in self._queues:
+            work.put(None)
+        for thread in self._threads:
+            thread.join()
+
+
+class DecoupledStream:
+    """The responses of one decoupled request, sent on the dispatcher's thread.
+
+    `post(make)` sends `make()` (built on the dispatcher thread, so e.g. detokenisation stays off the
+    engine thread); `close()` sends the final flag, with an error response if given, exactly once, and
+    logs `<model> request_id=... responses=N outcome=... seconds=...`. `is_cancelled()` asks Triton at
+    most every `cancel_poll_s` (each ask is an IPC round trip; the engine asks for every request at every
+    step) and remembers a True.
+    """
+
+    cancel_poll_s = 0.01
+
+    def __init__(self, dispatcher: ResponseDispatcher, request: Any,
+                 work: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+        self._dispatcher = dispatcher
+        self._work = work
+        self._polled_at = 0.0
+        self._cancelled = False
+        self._request: Any = request  # held until closed: Triton owns it while responses may follow
+        self._sender = request.get_response_sender()
+        self.request_id = request.request_id()
+        self.started = time.monotonic()
+        self.sent = 0
+        self._closed = False
+
+    def is_cancelled(self) -> bool:
+        if self._cancelled or self._closed:
+            return True
+        now = time.monotonic()
+        if now - self._polled_at >= self.cancel_poll_s:
+            self._polled_at = now
+            self._cancelled = bool(self._sender.is_cancelled())
+        return self._cancelled
+
+    def post(self, make: Callable[[], Any]) -> None:
+        self._work.put(lambda: self._send(make))
+
+    def close(self, *, outcome: str = "done", error: BaseException | None = None, note: str = "") -> None:
+        """Send the final flag (after everything posted before); `note` is appended to the log line."""
+        self._work.put(lambda: self._close(outcome, error, note))
+
+    def _send(self, make: Callable[[], Any]) -> None:
+        if self._closed:
+            return
+        self._sender.send(make())
+        self.sent += 1
+
+    def _close(self, outcome: str, error: BaseException | None, note: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        pb = _pb()
+        model = self._dispatcher.model
+        last = None
+        if error is not None:
+            err = as_vitaserve_error(error, model)
+            last, outcome = error_response(err, model), f"error {err.code}"
+        flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            self._sender.send(last, flags=flags) if last is not None else self._sender.send(flags=flags)
+        except Exception as exc:  # noqa: BLE001 - the request may already be gone (server stopping)
+            pb.Logger.log_warn(f"{model}: could not close request {self.request_id!r}: {exc}")
+        finally:
+            self._request = None
+        note = f" {note}" if note else ""
+        pb.Logger.log_info(f"{model} request_id={self.request_id!r} responses={self.sent} "
+                           f"outcome={outcome} seconds={time.monotonic() - self.started:.3f}{note}")

@@ -7,7 +7,8 @@ repository (`services/triton/model_repository`), which is itself `render_reposit
 (a test keeps the two identical).
 
     python -m vitaserve.triton.repository --out DIR [--kind gpu] [--instances 2] \\
-        [--checkpoint-dir /models/VITA-1.5] [--dtype bfloat16] [--models llm_decoder,speech_synth]
+        [--checkpoint-dir /models/VITA-1.5] [--dtype bfloat16] [--models llm_decoder,speech_synth] \\
+        [--llm-engine kv_cache_bytes=8589934592 --llm-engine max_batch=64]
 
 Re-render the checked-in repository after changing a spec:
     python -m vitaserve.triton.repository --out services/triton/model_repository
@@ -28,11 +29,22 @@ CHECKED_IN = Path(__file__).resolve().parents[3] / "services" / "triton" / "mode
 KINDS = {"cpu": ("KIND_CPU", "cpu"), "gpu": ("KIND_GPU", "cuda")}
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MAX_STREAMS = 4
+# llm_decoder's continuous-batching engine (`vitaserve.batching.EngineConfig`; a test keeps them equal).
+LLM_ENGINE_DEFAULTS = {
+    "kv_cache_tokens": "65536",
+    "kv_cache_bytes": "0",
+    "kv_block_size": "16",
+    "max_batch": "32",
+    "max_queue": "64",
+    "prefill_chunk": "512",
+    "prefix_cache": "true",
+}
 
 
 def render_config(spec: ModelSpec, *, checkpoint_dir: str = "", dtype: str = "float32", kind: str = "cpu",
-                  instances: int = 1, max_streams: int = DEFAULT_MAX_STREAMS) -> str:
-    """The config.pbtxt text of one model."""
+                  instances: int = 1, max_streams: int = DEFAULT_MAX_STREAMS,
+                  llm_engine: dict[str, str] | None = None) -> str:
+    """The config.pbtxt text of one model. `llm_engine` overrides LLM_ENGINE_DEFAULTS (llm_decoder)."""
     kind_name, device = KINDS[kind]
     lines = [
         f"# Rendered by vitaserve.triton.repository from vitaserve.components.tensors ({spec.name}).",
@@ -58,7 +70,12 @@ def render_config(spec: ModelSpec, *, checkpoint_dir: str = "", dtype: str = "fl
         ]
     lines.append(f"instance_group [ {{ kind: {kind_name}, count: {instances} }} ]")
     params = {"checkpoint_dir": checkpoint_dir, "dtype": dtype, "device": device}
-    if spec.decoupled:
+    if spec.name == "llm_decoder":  # one engine thread batches every stream: no worker threads to size
+        unknown = sorted(set(llm_engine or {}) - set(LLM_ENGINE_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown llm_decoder engine parameter(s) {unknown}; known: {sorted(LLM_ENGINE_DEFAULTS)}")
+        params.update({**LLM_ENGINE_DEFAULTS, **{k: str(v) for k, v in (llm_engine or {}).items()}})
+    elif spec.decoupled:
         params["max_streams"] = str(max_streams)
     lines += [f'parameters {{ key: "{key}" value: {{ string_value: "{_escape(value)}" }} }}'
               for key, value in params.items()]
@@ -88,6 +105,7 @@ def render_repository(
     models: Iterable[str] | None = None,
     max_streams: int = DEFAULT_MAX_STREAMS,
     source: str | os.PathLike[str] | None = None,
+    llm_engine: dict[str, str] | None = None,
 ) -> Path:
     """Write `<out_dir>/<model>/config.pbtxt` and `<out_dir>/<model>/1/model.py` for `models` (default:
     all four) and return `out_dir`.
@@ -95,7 +113,8 @@ def render_repository(
     checkpoint_dir: baked into every config; empty = read VITASERVE_CHECKPOINT_DIR when the model loads.
     kind: 'cpu' (KIND_CPU, device cpu) or 'gpu' (KIND_GPU, each instance on its GPU).
     instances: instances per model (per GPU under KIND_GPU).
-    max_streams: streams one instance of a decoupled model serves at once.
+    max_streams: streams one instance of speech_synth serves at once (worker threads).
+    llm_engine: llm_decoder engine parameters overriding LLM_ENGINE_DEFAULTS (kv_cache_tokens, max_batch, ...).
     source: repository to copy the model.py adapters from (default: the checked-in one).
     """
     names = list(MODELS) if models is None else list(models)
@@ -116,7 +135,7 @@ def render_repository(
             raise FileNotFoundError(f"{adapter}: the model adapter to copy is missing")
         (out / name / "1").mkdir(parents=True, exist_ok=True)
         config = render_config(MODELS[name], checkpoint_dir=checkpoint_dir, dtype=dtype, kind=kind,
-                               instances=instances, max_streams=max_streams)
+                               instances=instances, max_streams=max_streams, llm_engine=llm_engine)
         (out / name / "config.pbtxt").write_text(config)
         target = out / name / "1" / "model.py"
         if not (target.exists() and target.samefile(adapter)):
@@ -133,13 +152,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kind", default="cpu", choices=sorted(KINDS))
     parser.add_argument("--instances", type=int, default=1, help="instances per model (per GPU for gpu)")
     parser.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS,
-                        help="concurrent streams per instance of the decoupled models")
+                        help="concurrent streams per instance of speech_synth")
+    parser.add_argument("--llm-engine", action="append", default=[], metavar="KEY=VALUE",
+                        help="llm_decoder engine parameter, repeatable: " + ", ".join(LLM_ENGINE_DEFAULTS))
     parser.add_argument("--models", default=None, help="comma-separated subset (default: all four)")
     args = parser.parse_args(argv)
     models = None if args.models is None else [m.strip() for m in args.models.split(",") if m.strip()]
     try:
+        pairs = [item.split("=", 1) for item in args.llm_engine]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"--llm-engine takes KEY=VALUE, got {args.llm_engine}")
         out = render_repository(args.out, checkpoint_dir=args.checkpoint_dir, dtype=args.dtype, kind=args.kind,
-                                instances=args.instances, models=models, max_streams=args.max_streams)
+                                instances=args.instances, models=models, max_streams=args.max_streams,
+                                llm_engine=dict(pairs))
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,8 +1,12 @@
 """Triton adapter of the LLM decoder (decoupled): a ChatML prompt + media rows -> one response per token.
 
-Each request is served on a worker thread (`backend.StreamWorkers`, `max_streams` per instance), so
-`execute()` returns at once. `LLMEngine` polls the request's cancellation before every token; the last
-response carries FINISH_REASON ("stop" or "length") and TOKEN_ID -1; the final flag is always sent.
+`execute()` validates each request and hands it to the instance's continuous-batching engine
+(`vitaserve.batching.BatchEngine`, one engine thread: requests of all sessions share each decode step) and
+returns at once. Token responses go out on one dispatcher thread through each request's response sender
+(`backend.DecoupledStream`); the last response carries FINISH_REASON ("stop" or "length") and TOKEN_ID -1,
+and the final flag is always sent: done, cancelled (Triton's `is_cancelled()`, polled by the engine every
+step, frees the request's KV blocks at once) or error (RESOURCE_EXHAUSTED when the engine's queue is full).
+Engine settings are this model's config.pbtxt `parameters` (`EngineConfig.from_parameters`).
 Tensors: `vitaserve.components.tensors.LLM_DECODER`.
 """
 
@@ -16,40 +20,80 @@ from vitaserve.triton import backend
 from vitaserve.triton.launcher import assert_stub_uses_project_venv
 
 
+def _response(token, text, finish):
+    return pb_utils.InferenceResponse(output_tensors=[
+        pb_utils.Tensor("TOKEN_ID", np.array([token], np.int64)),
+        pb_utils.Tensor("TEXT", np.array([text.encode("utf-8")], np.object_)),
+        pb_utils.Tensor("FINISH_REASON", np.array([finish.encode()], np.object_)),
+    ])
+
+
+class _TokenResponses:
+    """The engine's TokenSink for one request: ids -> responses (detokenised on the dispatcher thread)."""
+
+    def __init__(self, stream, detokenizer):
+        self.stream, self.detok = stream, detokenizer
+        self.handle = None  # the engine's RequestHandle, set once submitted
+
+    def on_token(self, token_id):
+        self.stream.post(lambda: _response(token_id, self.detok.push(token_id), ""))
+
+    def on_finish(self, reason, error):
+        note = f"kv_reused={self.handle.reused_tokens}" if self.handle is not None else ""
+        if error is not None:
+            self.stream.close(error=error, note=note)
+        elif reason == "cancelled":
+            self.stream.close(outcome="cancelled", note=note)
+        else:
+            self.stream.post(lambda: _response(NO_TOKEN, self.detok.flush(), reason))
+            self.stream.close(note=note)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         assert_stub_uses_project_venv()
         settings = backend.load_settings(args, SPEC)
         # torch is imported here, not at module level: Triton's config auto-complete pass imports this
         # file in a stub of its own, which then stays cheap.
+        from vitaserve.batching import EngineConfig
         from vitaserve.components.engines import LLMEngine
         from vitaserve.models.checkpoint import CheckpointDir
+        from vitaserve.models.llm import StreamDetokenizer
 
-        checkpoint = CheckpointDir(settings.checkpoint_dir)
-        self.engine = LLMEngine(checkpoint, dtype=settings.dtype, device=settings.device)
-        self.workers = backend.StreamWorkers(SPEC.name, settings.max_streams)
+        try:
+            config = EngineConfig.from_parameters(settings.params)
+        except ValueError as exc:
+            raise RuntimeError(f"model {SPEC.name!r}: {exc}") from None
+        self.engine = LLMEngine(CheckpointDir(settings.checkpoint_dir), dtype=settings.dtype,
+                                device=settings.device, engine_config=config)
+        batcher = self.engine.batcher  # allocates the KV pool now: a budget that does not fit fails the load
+        pb_utils.Logger.log_info(f"{SPEC.name}: KV pool {batcher.pool.capacity_tokens} tokens "
+                                 f"({batcher.pool.bytes / 2**20:.1f} MiB), {config}")
+        self.detokenizer = lambda: StreamDetokenizer(self.engine.tokenizer)
+        self.responses = backend.ResponseDispatcher(SPEC.name)
 
     def execute(self, requests):
         for request in requests:
-            self.workers.submit(request, self._serve)
+            stream = self.responses.open(request)
+            try:
+                inputs = backend.RequestInputs(request)
+                media = unpack_media(inputs.array("MEDIA_EMBEDS"), inputs.array("MEDIA_ROWS"))
+                params = GenerationParams(
+                    max_tokens=int(inputs.scalar("MAX_TOKENS")),
+                    temperature=float(inputs.scalar("TEMPERATURE")),
+                    top_p=float(inputs.scalar("TOP_P")),
+                    top_k=int(inputs.scalar("TOP_K")),
+                    seed=inputs.scalar("SEED", None),
+                )
+                prepared = self.engine.prepare(inputs.text("PROMPT"), media, params)
+                session = inputs.text("SESSION_ID") if inputs.array("SESSION_ID") is not None else ""
+                sink = _TokenResponses(stream, self.detokenizer())
+                sink.handle = self.engine.submit(prepared, sink, session_id=session,
+                                                 is_cancelled=stream.is_cancelled)
+            except Exception as exc:  # noqa: BLE001 - every request gets an answer
+                stream.close(error=exc)
         return None
 
-    def _serve(self, inputs, is_cancelled):
-        media = unpack_media(inputs.array("MEDIA_EMBEDS"), inputs.array("MEDIA_ROWS"))
-        params = GenerationParams(
-            max_tokens=int(inputs.scalar("MAX_TOKENS")),
-            temperature=float(inputs.scalar("TEMPERATURE")),
-            top_p=float(inputs.scalar("TOP_P")),
-            top_k=int(inputs.scalar("TOP_K")),
-            seed=inputs.scalar("SEED", None),
-        )
-        for delta in self.engine.generate(inputs.text("PROMPT"), media, params, is_cancelled):
-            token = NO_TOKEN if delta.token_id is None else delta.token_id
-            yield pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("TOKEN_ID", np.array([token], np.int64)),
-                pb_utils.Tensor("TEXT", np.array([delta.text.encode("utf-8")], np.object_)),
-                pb_utils.Tensor("FINISH_REASON", np.array([(delta.finish_reason or "").encode()], np.object_)),
-            ])
-
     def finalize(self):
-        self.workers.shutdown()
+        self.engine.close()        # unfinished requests end with UNAVAILABLE through their streams
+        self.responses.shutdown()  # sends what is queued, then stops

@@ -1,0 +1,199 @@
+"""Aggregate LLM throughput with many concurrent sessions, through real Triton's llm_decoder.
+
+    python bench/concurrency.py [--json] [--tokens 64] [--threads 1]
+
+One run, one tiny checkpoint (`write_tiny_checkpoint`, random weights, seed 0), one Triton serving only
+llm_decoder (its continuous-batching engine with the checked-in parameters), one `TritonComponents` client
+(tritonclient gRPC streaming, the orchestrator's own path).
+
+Requests: 64 distinct one-turn text prompts, greedy, `--tokens` (64) new tokens each. The prompts are
+picked (in this process, with the same weights) among candidates whose greedy reply does not hit a stop id
+before `--tokens`, so every request generates exactly that many tokens (checked on every stream).
+
+- tokens_per_s_1: the first 16 requests one after another (one session at a time), total tokens / time;
+- tokens_per_s_16: the same 16 requests all at once (16 concurrent sessions); ratio = 16 over 1
+  (each the best of two rounds);
+- baseline_tokens_per_s: the same 16 requests one after another with plain transformers `generate`
+  (same model weights, `inputs_embeds`, greedy, same torch threads as the Triton instance) in this process;
+- errors_64: failed or short streams with 64 concurrent sessions (64 requests at once);
+- engine_tokens_per_s_1 / _16: the same 16 requests on the batch engine alone in this process (no Triton,
+  no gRPC), one after another and all at once: what the engine does without the per-token transport.
+
+Torch threads: the Triton instance gets `--threads` (VITASERVE_CPU_THREADS) and so does the baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vitaserve.components.base import GenerationParams
+from vitaserve.components.triton import TritonComponents
+from vitaserve.models.checkpoint import CheckpointDir
+from vitaserve.models.prompt import build_prompt, tokenize_with_placeholders
+from vitaserve.models.tiny import write_tiny_checkpoint
+from vitaserve.triton.backend import ENV_CHECKPOINT_DIR, ENV_CPU_THREADS
+from vitaserve.triton.launcher import TritonServer
+from vitaserve.triton.repository import CHECKED_IN
+
+
+def pick_prompts(checkpoint: CheckpointDir, n: int, tokens: int) -> tuple[list[str], float, dict[str, float]]:
+    """`n` prompts whose greedy reply runs `tokens` tokens without a stop id; also the baseline (the
+    first 16 served one after another by transformers `generate`, tokens/s) and `engine_figures`."""
+    from vitaserve.components.engines import LLMEngine
+
+    llm = LLMEngine(checkpoint)  # tokenizer + stop ids; its batch engine is never started
+    model, tok = llm.model, llm.tokenizer
+    stops = sorted(llm.stop_ids)
+    prompts: list[str] = []
+    embeds: list[torch.Tensor] = []
+    for i in range(20 * n):
+        prompt = build_prompt([], f"Question {i}: tell me about item {i * 7919 % 1000}.", n_images=0)
+        emb = model.splice_embeddings(tokenize_with_placeholders(tok, prompt))
+        ids = list(model.generate_stream(emb, max_new_tokens=tokens, stop_ids=stops))
+        if len(ids) == tokens:
+            prompts.append(prompt)
+            embeds.append(emb)
+            if len(prompts) == n:
+                break
+    if len(prompts) < n:
+        raise SystemExit(f"only {len(prompts)} of {n} candidate prompts run {tokens} tokens")
+    # plain transformers generate, one request after another
+    with torch.inference_mode():
+        model.generate(inputs_embeds=embeds[0][None], max_new_tokens=4, do_sample=False)  # warm-up
+        started = time.perf_counter()
+        produced = 0
+        for emb in embeds[:16]:
+            out = model.generate(inputs_embeds=emb[None], attention_mask=torch.ones(1, emb.shape[0], dtype=torch.long),
+                                 max_new_tokens=tokens, do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
+            produced += out.shape[1]
+        baseline = produced / (time.perf_counter() - started)
+    return prompts, baseline, engine_figures(model, embeds[:16], tokens, stops)
+
+
+class _Count:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def on_token(self, token_id: int) -> None:
+        self.n += 1
+
+    def on_finish(self, reason: str, error: object) -> None:
+        pass
+
+
+def engine_figures(model: torch.nn.Module, embeds: list[torch.Tensor], tokens: int, stops: list[int]
+                   ) -> dict[str, float]:
+    """The batch engine alone in this process (no Triton, no gRPC): 16 requests one after another and
+    all at once, driven step by step. Shows how much of the Triton figures is the engine."""
+    from vitaserve.batching import BatchEngine
+    from vitaserve.models.llm import SamplingParams
+
+    params = SamplingParams.checked(tokens, 0.0, 0, 1.0, None, stops)
+    engine = BatchEngine(model, start=False)
+
+    def run(batch: list[torch.Tensor]) -> int:
+        sinks = [_Count() for _ in batch]
+        for emb, sink in zip(batch, sinks):
+            engine.submit(emb, np.zeros(len(emb), np.int64), params, sink)
+        while engine.step():
+            pass
+        return sum(s.n for s in sinks)
+
+    run(embeds[:2])  # warm-up
+    started = time.perf_counter()
+    one = sum(run([emb]) for emb in embeds)
+    t1 = time.perf_counter() - started
+    started = time.perf_counter()
+    many = run(embeds)
+    t16 = time.perf_counter() - started
+    return {"engine_tokens_per_s_1": one / t1, "engine_tokens_per_s_16": many / t16}
+
+
+async def stream(client: TritonComponents, prompt: str, tokens: int, rid: str) -> int:
+    n = 0
+    async for delta in client.generate(prompt, [], GenerationParams(max_tokens=tokens), request_id=rid):
+        if delta.token_id is not None:
+            n += 1
+    return n
+
+
+async def measure(url: str, prompts: list[str], tokens: int) -> dict[str, float]:
+    client = TritonComponents(url, components=["llm_decoder"])
+    try:
+        await stream(client, prompts[0], 8, "warmup")
+        # Best of two rounds for both figures (the machine may be shared).
+        best1 = 0.0
+        for rnd in range(2):
+            started = time.perf_counter()
+            one = [await stream(client, p, tokens, f"s{rnd}-{i}") for i, p in enumerate(prompts[:16])]
+            t1 = time.perf_counter() - started
+            assert all(n == tokens for n in one), one
+            best1 = max(best1, sum(one) / t1)
+
+        best16 = 0.0
+        for rnd in range(2):
+            started = time.perf_counter()
+            many = await asyncio.gather(*(stream(client, p, tokens, f"c{rnd}-{i}") for i, p in enumerate(prompts[:16])))
+            t16 = time.perf_counter() - started
+            assert all(n == tokens for n in many), many
+            best16 = max(best16, sum(many) / t16)
+
+        results = await asyncio.gather(*(stream(client, p, tokens, f"x{i}") for i, p in enumerate(prompts[:64])),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException) or r != tokens]
+        if errors:
+            print(f"errors with 64 sessions: {errors[:3]}", file=sys.stderr)
+        return {"tokens_per_s_1": best1, "tokens_per_s_16": best16, "errors_64": len(errors)}
+    finally:
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the Triton instance and baseline")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="vitaserve-bench-") as tmp:
+        ckpt = write_tiny_checkpoint(Path(tmp) / "ckpt", seed=0)
+        prompts, baseline, engine = pick_prompts(CheckpointDir(ckpt), 64, args.tokens)
+        env = {ENV_CHECKPOINT_DIR: str(ckpt), ENV_CPU_THREADS: str(args.threads)}
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # the launcher hands this process's environment to the server
+        try:
+            server = TritonServer(CHECKED_IN, models=["llm_decoder"], startup_timeout=180,
+                                  log_path=Path(tmp) / "tritonserver.log").start()
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        try:
+            result = asyncio.run(measure(server.grpc_url, prompts, args.tokens))
+        finally:
+            server.stop()
+    result["baseline_tokens_per_s"] = baseline
+    result.update(engine)
+    result["ratio"] = result["tokens_per_s_16"] / result["tokens_per_s_1"]
+    result["ratio_vs_baseline"] = result["tokens_per_s_16"] / baseline
+    result["tokens_per_request"] = args.tokens
+    out = {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:>24}: {v}")
+    return 0 if result["errors_64"] == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

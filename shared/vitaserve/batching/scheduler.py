@@ -1,0 +1,441 @@
+"""`BatchEngine`: continuous batching of LLM generation requests over one model instance.
+
+Requests come from any thread (`submit`); one engine thread runs steps. A step:
+
+1. drops cancelled requests (their handle's `cancel()`, or their `is_cancelled()` poll: Triton's
+   cancellation) and frees their KV blocks at once;
+2. admits waiting requests in FIFO order while the batch has room (`max_batch`) and the KV pool can hold
+   their worst case (prompt + max_tokens), evicting least recently used session prefixes if needed;
+   a request whose session left a matching prefix reuses those blocks (see `prefix_cache`);
+3. prefills at most `prefill_chunk` prompt rows over all new requests (chunked: a long prompt spans several
+   steps), so the streams already running never wait long for a new prompt;
+4. runs one decode forward for every running request together (one new token each), then samples each
+   row with that request's own settings: greedy argmax, or temperature / top-k / top-p with the request's
+   own seeded generator (so a request's ids do not depend on its batch mates).
+
+Each request keeps its own positions and its own KV slots, and the attention mask hides other rows'
+padding, so a row computes what it would compute alone (greedy ids are identical; float32 results can
+differ from a lone run only by the rounding of different matrix shapes).
+
+Back-pressure: `submit` raises `ResourceExhausted` (retryable) once `max_queue` requests wait, and
+`InvalidInput` for a request that could never fit the KV budget. Memory never grows past the pool: there
+is no allocation after admission. Results go to the request's `TokenSink` from the engine thread
+(`on_token` per id, then exactly one `on_finish`), which must hand them on quickly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from vitaserve.batching.kv_cache import KVPool, PagedView, kv_bytes_per_token
+from vitaserve.batching.prefix_cache import PrefixCache
+from vitaserve.errors import InvalidInput, ResourceExhausted, Unavailable, VitaserveError
+from vitaserve.models.llm import SamplingParams, sample_token
+
+_WAITING, _PREFILL, _DECODE, _DONE = "waiting", "prefill", "decode", "done"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one engine (Triton: the llm_decoder config.pbtxt `parameters`).
+
+    kv_cache_tokens: the KV-cache budget in tokens (all requests and cached prefixes together).
+    kv_cache_bytes: if > 0, the budget in bytes instead (converted with the model's layers, KV heads,
+        head size and dtype).
+    kv_block_size: tokens per KV block (the allocation unit).
+    max_batch: requests decoded together in one step; more wait in the queue.
+    max_queue: requests waiting for admission; beyond it `submit` raises ResourceExhausted.
+    prefill_chunk: prompt rows prefilled per step over all new requests.
+    prefix_cache: keep finished sessions' KV blocks for their next turn.
+    """
+
+    kv_cache_tokens: int = 65536
+    kv_cache_bytes: int = 0
+    kv_block_size: int = 16
+    max_batch: int = 32
+    max_queue: int = 64
+    prefill_chunk: int = 512
+    prefix_cache: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("kv_cache_tokens", "kv_block_size", "max_batch", "prefill_chunk"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0 or self.kv_cache_bytes < 0:
+            raise ValueError(f"max_queue and kv_cache_bytes must be >= 0, got {self.max_queue}, "
+                             f"{self.kv_cache_bytes}")
+
+    def budget_tokens(self, model_config: Any, dtype: torch.dtype) -> int:
+        """The KV budget in tokens for this model (from kv_cache_bytes when set)."""
+        if self.kv_cache_bytes > 0:
+            return self.kv_cache_bytes // kv_bytes_per_token(model_config, dtype)
+        return self.kv_cache_tokens
+
+    @classmethod
+    def from_parameters(cls, params: Mapping[str, str]) -> EngineConfig:
+        """Read the fields from string parameters (config.pbtxt); empty or missing = the default.
+        Raises ValueError naming the bad parameter."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = str(params.get(f.name, "") or "").strip()
+            if not raw:
+                continue
+            if f.type in (bool, "bool"):
+                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(f"parameter {f.name} must be true or false, got {raw!r}")
+                values[f.name] = raw.lower() in ("true", "1", "yes")
+            else:
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise ValueError(f"parameter {f.name} must be an integer, got {raw!r}") from None
+        return cls(**values)
+
+
+class TokenSink(Protocol):
+    """Where a request's results go; called on the engine thread."""
+
+    def on_token(self, token_id: int) -> None: ...
+
+    def on_finish(self, reason: str, error: VitaserveError | None) -> None:
+        """Exactly once: reason 'stop' | 'length' | 'cancelled' | 'error' (then `error` is set)."""
+
+
+@dataclass(eq=False)
+class _Request:
+    id: int
+    embeds: torch.Tensor          # (L, H) prompt rows, media spliced
+    keys: np.ndarray              # (L,) prefix-cache keys of those rows
+    params: SamplingParams
+    sink: TokenSink
+    session_id: str
+    is_cancelled: Callable[[], bool] | None
+    handle: RequestHandle
+    generator: torch.Generator | None = None
+    state: str = _WAITING
+    blocks: list[int] = field(default_factory=list)
+    slots: torch.Tensor | None = None   # slot of every position up to prompt + max_tokens
+    n_cached: int = 0                   # positions held in the KV cache
+    generated: list[int] = field(default_factory=list)
+    last_token: int | None = None       # sampled and sent, not yet in the cache
+
+    @property
+    def prompt_len(self) -> int:
+        return int(self.embeds.shape[0])
+
+
+class RequestHandle:
+    """What `submit` returns: `cancel()` from any thread; the step counters are for tests and stats."""
+
+    def __init__(self, engine: BatchEngine, request_id: int) -> None:
+        self._engine = engine
+        self.id = request_id
+        self.cancel_requested = False
+        self.finish_reason: str | None = None
+        self.submitted_step = engine.steps
+        self.admitted_step: int | None = None
+        self.finished_step: int | None = None
+        self.reused_tokens = 0
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+        self._engine._wake()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class BatchEngine:
+    """Continuous batching over `model` (a `vitaserve.models.llm.VitaLLM`); see the module docstring.
+
+    start: run the engine thread (False: the caller drives `step()`, as unit tests do).
+    """
+
+    def __init__(self, model: Any, config: EngineConfig | None = None, *, start: bool = True,
+                 name: str = "llm-engine") -> None:
+        self.model = model
+        self.config = config or EngineConfig()
+        self.max_positions = int(model.config.max_position_embeddings)
+        budget = self.config.budget_tokens(model.config, model.dtype)
+        self.pool = KVPool(model.config, budget, block_size=self.config.kv_block_size,
+                           dtype=model.dtype, device=model.device)
+        self.prefix = PrefixCache(self.pool)
+        self.steps = 0
+        self.max_batch_seen = 0
+        self._ids = itertools.count(1)
+        self._cv = threading.Condition()
+        self._waiting: deque[_Request] = deque()   # guarded by _cv
+        self._running: list[_Request] = []         # engine thread only
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        if start:
+            self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+            self._thread.start()
+
+    # ---- submission (any thread) -------------------------------------------------------------------
+
+    def submit(self, embeds: torch.Tensor, keys: np.ndarray, params: SamplingParams, sink: TokenSink, *,
+               session_id: str = "", is_cancelled: Callable[[], bool] | None = None) -> RequestHandle:
+        """Queue one request: `embeds` (L, H) prompt rows, `keys` their prefix-cache keys (L,).
+        Raises InvalidInput if it can never fit, ResourceExhausted if the queue is full, Unavailable
+        once the engine is closed."""
+        length = int(embeds.shape[0])
+        if embeds.dim() != 2 or length == 0 or len(keys) != length:
+            raise InvalidInput(f"prompt rows must be a non-empty (L, H) tensor with L keys, got "
+                               f"{tuple(embeds.shape)} and {len(keys)} keys")
+        total = length + params.max_new_tokens
+        if total > self.max_positions:
+            raise InvalidInput(f"context too long: {length} prompt positions + max_tokens "
+                               f"{params.max_new_tokens} exceed the model's {self.max_positions}")
+        if self.pool.blocks_for(total) > self.pool.n_blocks:
+            raise InvalidInput(f"the request needs {total} KV-cache tokens ({length} prompt positions + max_tokens "
+                               f"{params.max_new_tokens}) but this model instance's budget is "
+                               f"{self.pool.capacity_tokens} tokens: shorten the prompt or lower max_tokens")
+        with self._cv:
+            if self._closed:
+                raise Unavailable("the LLM engine is shutting down")
+            if len(self._waiting) >= self.config.max_queue:
+                raise ResourceExhausted(
+                    f"the LLM decoder is at capacity: {len(self._waiting)} requests already wait for KV-cache "
+                    f"space or a batch slot (max_queue {self.config.max_queue}); retry shortly")
+            handle = RequestHandle(self, next(self._ids))
+            request = _Request(handle.id, embeds.to(device=self.model.device, dtype=self.model.dtype), keys,
+                               params, sink, session_id, is_cancelled, handle)
+            if params.seed is not None and params.temperature > 0:
+                request.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
+            self._waiting.append(request)
+            self._cv.notify()
+        return handle
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def stats(self) -> dict[str, int]:
+        with self._cv:
+            waiting = len(self._waiting)
+        return {"running": len(self._running), "waiting": waiting, "free_blocks": self.pool.free_blocks,
+                "total_blocks": self.pool.n_blocks, "cached_sessions": len(self.prefix),
+                "cached_blocks": self.prefix.blocks, "steps": self.steps}
+
+    # ---- the engine thread ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._closed:
+                    return
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - a bug in a step must not kill the engine thread
+                traceback.print_exc()
+                for request in list(self._running):
+                    self._finish(request, "error", VitaserveError("the LLM engine failed; see the server log"))
+
+    def close(self) -> None:
+        """Stop the engine thread after its current step; every unfinished request ends with Unavailable."""
+        with self._cv:
+            self._closed = True
+            self._cv.notify_all()
+            waiting, self._waiting = list(self._waiting), deque()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        for request in waiting + list(self._running):
+            self._finish(request, "error", Unavailable("the LLM decoder is unloading"))
+        self.prefix.clear()
+
+    def step(self) -> bool:
+        """One scheduling step (see the module docstring); False if there was nothing to do."""
+        self._drop_cancelled()
+        self._admit()
+        if not self._running:
+            return False
+        self.steps += 1
+        decoding = [r for r in self._running if r.state == _DECODE]
+        self._prefill()
+        if decoding:
+            self._decode(decoding)
+        return True
+
+    # ---- scheduling ----------------------------------------------------------------------------------
+
+    def _cancelled(self, request: _Request) -> bool:
+        if request.handle.cancel_requested:
+            return True
+        try:
+            return bool(request.is_cancelled is not None and request.is_cancelled())
+        except Exception:  # noqa: BLE001 - a request we cannot ask about is gone
+            return True
+
+    def _drop_cancelled(self) -> None:
+        for request in [r for r in self._running if self._cancelled(r)]:
+            self._finish(request, "cancelled")
+        with self._cv:
+            gone = [r for r in self._waiting if self._cancelled(r)]
+            for request in gone:
+                self._waiting.remove(request)
+        for request in gone:
+            self._finish(request, "cancelled")
+
+    def _admit(self) -> None:
+        sessions = {r.session_id for r in self._running if r.session_id}
+        while len(self._running) < self.config.max_batch:
+            with self._cv:
+                if not self._waiting:
+                    return
+                request = self._waiting[0]
+            sid = request.session_id if self.config.prefix_cache and request.session_id not in sessions else ""
+            reuse = self.prefix.match(sid, request.keys) if sid else 0
+            need = self.pool.blocks_for(request.prompt_len + request.params.max_new_tokens)
+            own = self.prefix.held(sid) if sid else 0
+            if need > self.pool.free_blocks + self.prefix.evictable(exclude=sid) + own:
+                return  # FIFO: the head waits for running requests to free blocks
+            blocks = self.prefix.take(sid, reuse) if sid in self.prefix else []
+            extra = need - len(blocks)
+            self.prefix.evict_until(extra)
+            blocks += self.pool.allocate(extra)
+            request.blocks = blocks
+            request.slots = self.pool.slots(blocks, 0, request.prompt_len + request.params.max_new_tokens)
+            request.n_cached = reuse
+            request.state = _PREFILL
+            request.handle.admitted_step = self.steps
+            request.handle.reused_tokens = reuse
+            with self._cv:
+                self._waiting.popleft()
+            self._running.append(request)
+            if request.session_id:
+                sessions.add(request.session_id)
+
+    def _prefill(self) -> None:
+        budget = self.config.prefill_chunk
+        for request in [r for r in self._running if r.state == _PREFILL]:
+            if budget <= 0:
+                return
+            start = request.n_cached
+            n = min(request.prompt_len - start, budget)
+            budget -= n
+            stop = start + n
+            rows = request.embeds[start:stop][None]
+            positions = torch.arange(start, stop, device=self.model.device)[None]
+            view = PagedView(self.pool, request.slots[start:stop], request.slots[:stop][None])
+            mask = (torch.arange(stop, device=self.model.device)[None, :]
+                    <= positions[0][:, None])[None, None]          # (1, 1, n, stop): causal
+            try:
+                logits = self._forward(rows, positions, view, mask)
+            except Exception as exc:  # noqa: BLE001 - fail this request, keep serving the others
+                self._finish(request, "error", _internal(exc))
+                continue
+            request.n_cached = stop
+            if stop == request.prompt_len:
+                request.state = _DECODE
+                self._emit(request, self._sample(request, logits[0]))
+
+    def _decode(self, batch: list[_Request]) -> None:
+        batch = [r for r in batch if r.state == _DECODE]
+        if not batch:
+            return
+        self.max_batch_seen = max(self.max_batch_seen, len(batch))
+        device = self.model.device
+        ids = torch.tensor([r.last_token for r in batch], device=device)
+        lengths = [r.n_cached + 1 for r in batch]
+        width = max(lengths)
+        read = torch.full((len(batch), width), self.pool.scratch, dtype=torch.long, device=device)
+        for i, (r, n) in enumerate(zip(batch, lengths)):
+            read[i, :n] = r.slots[:n]
+        write = torch.stack([r.slots[r.n_cached] for r in batch])
+        positions = torch.tensor([r.n_cached for r in batch], device=device)[:, None]
+        mask = (torch.arange(width, device=device)[None, :]
+                < torch.tensor(lengths, device=device)[:, None])[:, None, None, :]   # (B, 1, 1, width)
+        rows = self.model.model.embed_tokens(ids)[:, None, :]
+        try:
+            logits = self._forward(rows, positions, PagedView(self.pool, write, read), mask)
+        except Exception as exc:  # noqa: BLE001
+            err = _internal(exc)
+            for request in batch:
+                self._finish(request, "error", err)
+            return
+        greedy = torch.argmax(logits, dim=-1).tolist()  # first maximal index: ties -> lowest id
+        for i, request in enumerate(batch):
+            request.n_cached += 1
+            request.last_token = None
+            token = greedy[i] if request.params.temperature == 0 else self._sample(request, logits[i])
+            self._emit(request, token)
+
+    def _forward(self, rows: torch.Tensor, positions: torch.Tensor, view: PagedView,
+                 mask: torch.Tensor) -> torch.Tensor:
+        """(B, q, H) rows at `positions` (B, q) -> float32 logits (B, V) of each row's last position."""
+        with torch.inference_mode():
+            out = self.model.model(inputs_embeds=rows, attention_mask={"full_attention": mask},
+                                   position_ids=positions, cache=view, use_cache=True)
+            return self.model.lm_head(out.last_hidden_state[:, -1]).float()
+
+    def _sample(self, request: _Request, logits: torch.Tensor) -> int:
+        return sample_token(logits, request.params, request.generator)
+
+    def _emit(self, request: _Request, token: int) -> None:
+        if token in request.params.stop_ids:
+            self._finish(request, "stop")
+            return
+        request.generated.append(token)
+        try:
+            request.sink.on_token(token)
+        except Exception as exc:  # noqa: BLE001 - a broken sink ends its own request only
+            self._finish(request, "error", _internal(exc))
+            return
+        if len(request.generated) >= request.params.max_new_tokens:
+            self._finish(request, "length")
+        else:
+            request.last_token = token
+
+    def _finish(self, request: _Request, reason: str, error: VitaserveError | None = None) -> None:
+        if request.state == _DONE:
+            return
+        was_running = request.state != _WAITING
+        request.state = _DONE
+        if request in self._running:
+            self._running.remove(request)
+        if was_running:
+            if error is None and self.config.prefix_cache and request.session_id and request.n_cached > 0:
+                fed = np.asarray(request.generated, dtype=np.int64)
+                keys = np.concatenate([request.keys, fed])[:request.n_cached]
+                self.prefix.put(request.session_id, keys, request.blocks)
+            else:
+                self.pool.release(request.blocks)
+            request.blocks = []
+        handle = request.handle
+        handle.finish_reason, handle.finished_step = reason, self.steps
+        try:
+            request.sink.on_finish(reason, error)
+        except Exception:  # noqa: BLE001 - nothing more can be told to a broken sink
+            traceback.print_exc()
+
+
+def _internal(exc: BaseException) -> VitaserveError:
+    if isinstance(exc, VitaserveError):
+        return exc
+    traceback.print_exception(exc)
+    return VitaserveError(f"llm_decoder failed: {type(exc).__name__}: {exc}")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll `predicate` until true or `timeout` seconds pass (tests and shutdown paths)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.002)
+    return True
