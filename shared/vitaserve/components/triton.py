@@ -3,6 +3,12 @@
 Each component may live on its own Triton deployment (one URL per component) or all on one server (one
 URL). Tensor names and dtypes come from `vitaserve.components.tensors`, shared with the models.
 
+Several servers per component: each call asks a `vitaserve.cluster.routing.Router` for its endpoint (the
+router seam). A URL may list several `host:port,host:port` (a static list), or the router follows the
+component's Kubernetes pods (`KubernetesDiscovery`). A session's LLM calls stay on one server while it is
+ready (consistent hashing on `session_id`, so the server's KV cache is reused); every other call goes
+round-robin. `health()` checks the model on every endpoint and tells the router which ones to avoid.
+
 - Unary calls (`encode_images`, `encode_audio`) carry a gRPC deadline of `timeout_s`. Several images are
   sent as concurrent one-image requests, which Triton's dynamic batcher groups into one `execute()`.
 - Streams (`generate`, `synthesize`) send one request per gRPC stream. Closing the async iterator or
@@ -22,6 +28,7 @@ first coroutine that needs them; using the object from another event loop later 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any, TypeVar
@@ -31,6 +38,8 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from vitaserve.cluster.discovery import Endpoint, StaticDiscovery
+from vitaserve.cluster.routing import Router
 from vitaserve.components.base import (
     COMPONENTS,
     ComponentClient,
@@ -81,7 +90,9 @@ class TritonComponents(ComponentClient):
     """The components as Triton models reached over gRPC.
 
     urls: `host:port` of one Triton serving every component, or a mapping component -> `host:port`
-        naming at least every component in `components`.
+        naming at least every component in `components`; each may list several `host:port,host:port`.
+    router: picks the endpoint of every call instead (e.g. over Kubernetes discovery); `urls` is then
+        not needed.
     components: the components this client serves (default: all four); calls to others raise
         `Unavailable`, and `health()` reports only these.
     timeout_s: deadline of unary calls and of readiness checks beyond `health_timeout_s`.
@@ -93,8 +104,9 @@ class TritonComponents(ComponentClient):
 
     def __init__(
         self,
-        urls: str | Mapping[str, str],
+        urls: str | Mapping[str, str] | None = None,
         *,
+        router: Router | None = None,
         components: Iterable[str] = COMPONENTS,
         timeout_s: float = 10.0,
         first_response_timeout_s: float = 30.0,
@@ -105,50 +117,85 @@ class TritonComponents(ComponentClient):
         unknown = sorted(set(self.components) - set(COMPONENTS))
         if unknown:
             raise ValueError(f"unknown component(s) {unknown}; known: {', '.join(COMPONENTS)}")
-        if isinstance(urls, str):
-            urls = {name: urls for name in self.components}
-        extra = sorted(set(urls) - set(COMPONENTS))
-        missing = [name for name in self.components if not urls.get(name)]
-        if extra or missing:
-            raise ValueError(f"Triton URLs: unknown component(s) {extra}, no URL for {missing}")
-        self.urls = {name: urls[name] for name in self.components}
+        if router is None:
+            if urls is None:
+                raise ValueError("TritonComponents needs urls or a router")
+            if isinstance(urls, str):
+                urls = {name: urls for name in self.components}
+            extra = sorted(set(urls) - set(COMPONENTS))
+            missing = [name for name in self.components if not urls.get(name)]
+            if extra or missing:
+                raise ValueError(f"Triton URLs: unknown component(s) {extra}, no URL for {missing}")
+            self.urls = {name: urls[name] for name in self.components}
+            router = Router(StaticDiscovery(self.urls))  # ValueError on a malformed host:port
+        else:
+            self.urls = {name: router.discovery.describe(name) for name in self.components}
+        self.router = router
         self.timeout_s = timeout_s
         self.first_response_timeout_s = first_response_timeout_s
         self.stream_timeout_s = stream_timeout_s
         self.health_timeout_s = health_timeout_s
         self._clients: dict[str, grpcclient.InferenceServerClient] = {}
+        self._active: Counter[str] = Counter()  # calls in flight per endpoint url
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- connections -------------------------------------------------------------------------------
 
-    def _client(self, component: str) -> grpcclient.InferenceServerClient:
+    def _pick(self, component: str, affinity: str = "") -> Endpoint:
         if component not in self.urls:
             raise Unavailable(f"component {component!r} is not configured in this client "
                               f"(configured: {', '.join(self.components)})")
+        return self.router.pick(component, affinity=affinity)
+
+    def _client(self, url: str) -> grpcclient.InferenceServerClient:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # channels are bound to the loop that created them
             self._clients, self._loop = {}, loop
-        url = self.urls[component]
         if url not in self._clients:
             self._clients[url] = grpcclient.InferenceServerClient(url)
         return self._clients[url]
 
     async def close(self) -> None:
+        """Close the channels and the router (this client owns it: discovery watchers stop)."""
+        self.router.close()
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.close()
 
     async def health(self) -> Health:
-        async def ready(component: str) -> bool:
-            try:
-                client = self._client(component)
-                check = client.is_model_ready(MODELS[component].name, client_timeout=self.health_timeout_s)
-                return bool(await asyncio.wait_for(check, self.health_timeout_s + 0.5))
-            except Exception:  # noqa: BLE001 - health never raises: an unreachable component is not ready
-                return False
+        """A component is ready when its model is ready on at least one endpoint; each endpoint's result
+        goes to the router, which avoids the not-ready ones."""
+        checks = await self.endpoint_health()
+        return Health(ready={name: any(checks[name].values()) for name in self.components})
 
-        results = await asyncio.gather(*(ready(name) for name in self.components))
-        return Health(ready=dict(zip(self.components, results)))
+    async def endpoint_health(self) -> dict[str, dict[str, bool]]:
+        """component -> {endpoint url: model ready} over the endpoints discovery reports ready."""
+
+        async def ready(component: str, url: str) -> bool:
+            try:
+                check = self._client(url).is_model_ready(MODELS[component].name,
+                                                         client_timeout=self.health_timeout_s)
+                ok = bool(await asyncio.wait_for(check, self.health_timeout_s + 0.5))
+            except Exception:  # noqa: BLE001 - health never raises: an unreachable component is not ready
+                ok = False
+            self.router.set_health(component, url, ok)
+            return ok
+
+        pairs = [(name, e.url) for name in self.components for e in self.router.endpoints(name)]
+        results = await asyncio.gather(*(ready(name, url) for name, url in pairs))
+        checks: dict[str, dict[str, bool]] = {name: {} for name in self.components}
+        for (name, url), ok in zip(pairs, results):
+            checks[name][url] = ok
+        await self._close_unused({url for _, url in pairs})
+        return checks
+
+    async def _close_unused(self, in_use: set[str]) -> None:
+        """Close channels to endpoints discovery no longer lists (pods scaled away) once no call runs on
+        them: a terminating pod still finishes the streams it has."""
+        if asyncio.get_running_loop() is not self._loop:
+            return
+        for url in [u for u in self._clients if u not in in_use and not self._active[u]]:
+            await self._clients.pop(url).close()
 
     # ---- unary calls -------------------------------------------------------------------------------
 
@@ -157,6 +204,8 @@ class TritonComponents(ComponentClient):
         for i, image in enumerate(images):
             if not isinstance(image, ImageInput) or not isinstance(image.data, (bytes, bytearray)):
                 raise InvalidInput(f"images[{i}] must be an ImageInput holding bytes")
+        # One endpoint for all images of the call: its dynamic batcher groups them into one forward.
+        endpoint = self._pick(VISION_ENCODER.name) if images else None
         calls = []
         for i, image in enumerate(images):
             values = {
@@ -164,7 +213,7 @@ class TritonComponents(ComponentClient):
                 "MAX_TILES": np.array([[_int(image.max_tiles, "max_tiles", _INT32)]], dtype=np.int32),
             }
             rid = f"{request_id}/{i}" if request_id and len(images) > 1 else request_id
-            calls.append(self._infer(VISION_ENCODER, values, rid))
+            calls.append(self._infer(VISION_ENCODER, values, rid, endpoint))
         results = await _all(calls)
         return [result.as_numpy("EMBEDDINGS")[0] for result in results]
 
@@ -173,21 +222,25 @@ class TritonComponents(ComponentClient):
         if wave.ndim != 1 or not np.issubdtype(wave.dtype, np.floating) or wave.size == 0:
             raise InvalidInput(f"PCM must be a non-empty 1-D float array, got {wave.dtype} {wave.shape}")
         values = {"PCM": wave.astype(np.float32, copy=False)[None, :]}
-        result = await self._infer(AUDIO_ENCODER, values, request_id)
+        result = await self._infer(AUDIO_ENCODER, values, request_id, self._pick(AUDIO_ENCODER.name))
         return result.as_numpy("EMBEDDINGS")[0]
 
-    async def _infer(self, spec: ModelSpec, values: dict[str, np.ndarray], request_id: str) -> Any:
-        client = self._client(spec.name)
+    async def _infer(self, spec: ModelSpec, values: dict[str, np.ndarray], request_id: str,
+                     endpoint: Endpoint) -> Any:
+        client = self._client(endpoint.url)
+        self._active[endpoint.url] += 1
         try:
             call = client.infer(spec.name, _inputs(spec, values), outputs=_outputs(spec), request_id=request_id,
                                 client_timeout=self.timeout_s)
             # The gRPC deadline bounds the call; the outer bound also covers a stalled channel setup.
             return await asyncio.wait_for(call, self.timeout_s + 1.0)
         except InferenceServerException as exc:
-            raise self._error(spec.name, exc.message() or str(exc), exc.status()) from None
+            raise self._error(spec.name, exc.message() or str(exc), exc.status(), endpoint.url) from None
         except asyncio.TimeoutError:
-            raise Unavailable(f"{spec.name} at {self.urls[spec.name]}: no answer within "
+            raise Unavailable(f"{spec.name} at {endpoint.url}: no answer within "
                               f"{self.timeout_s:g} s") from None
+        finally:
+            self._active[endpoint.url] -= 1
 
     # ---- streams ---------------------------------------------------------------------------------
 
@@ -215,7 +268,9 @@ class TritonComponents(ComponentClient):
             values["SESSION_ID"] = np.array([session_id.encode("utf-8")], dtype=np.object_)
         values.update(pack_media(media))
         # aclosing: leaving this generator (aclose, cancel, the end) closes the stream at once, not at GC.
-        async with aclosing(self._stream(LLM_DECODER, values, request_id)) as results:
+        # Session affinity: the session's earlier turns are cached on that server.
+        endpoint = self._pick(LLM_DECODER.name, affinity=session_id)
+        async with aclosing(self._stream(LLM_DECODER, values, request_id, endpoint)) as results:
             async for result in results:
                 token = int(result.as_numpy("TOKEN_ID")[0])
                 finish = result.as_numpy("FINISH_REASON")[0].decode("utf-8") or None
@@ -241,22 +296,35 @@ class TritonComponents(ComponentClient):
         }
         if seed is not None:
             values["SEED"] = np.array([_int(seed, "seed", _INT64)], dtype=np.int64)
-        async with aclosing(self._stream(SPEECH_SYNTH, values, request_id)) as results:
+        endpoint = self._pick(SPEECH_SYNTH.name)
+        async with aclosing(self._stream(SPEECH_SYNTH, values, request_id, endpoint)) as results:
             async for result in results:
                 pcm = result.as_numpy("PCM").astype(np.float32, copy=False)
                 yield SpeechChunk(pcm=pcm, sample_rate=int(result.as_numpy("SAMPLE_RATE")[0]))
 
-    async def _stream(self, spec: ModelSpec, values: dict[str, np.ndarray], request_id: str
-                      ) -> AsyncIterator[Any]:
+    async def _stream(self, spec: ModelSpec, values: dict[str, np.ndarray], request_id: str,
+                      endpoint: Endpoint) -> AsyncIterator[Any]:
         """One request on its own gRPC stream; yields the results until the model closes the request.
         Leaving early (aclose, task cancel, an error) cancels the gRPC call."""
-        client = self._client(spec.name)
+        url = endpoint.url
+        client = self._client(url)
+        self._active[url] += 1
+        try:
+            # aclosing: closing this generator must close the inner one now (that cancels the gRPC call).
+            async with aclosing(self._stream_results(spec, client, values, request_id, url)) as results:
+                async for result in results:
+                    yield result
+        finally:
+            self._active[url] -= 1
+
+    async def _stream_results(self, spec: ModelSpec, client: grpcclient.InferenceServerClient,
+                              values: dict[str, np.ndarray], request_id: str, url: str) -> AsyncIterator[Any]:
         request = {"model_name": spec.name, "inputs": _inputs(spec, values), "outputs": _outputs(spec),
                    "request_id": request_id}
         try:
             responses = client.stream_infer(_single(request), stream_timeout=self.stream_timeout_s)
         except InferenceServerException as exc:
-            raise self._error(spec.name, exc.message() or str(exc), exc.status()) from None
+            raise self._error(spec.name, exc.message() or str(exc), exc.status(), url) from None
         first = True
         try:
             while True:
@@ -269,15 +337,15 @@ class TritonComponents(ComponentClient):
                 except StopAsyncIteration:
                     return
                 except asyncio.TimeoutError:
-                    raise Unavailable(f"{spec.name} at {self.urls[spec.name]}: no response within "
+                    raise Unavailable(f"{spec.name} at {url}: no response within "
                                       f"{self.first_response_timeout_s:g} s") from None
                 except grpc.RpcError as exc:
-                    raise self._error(spec.name, _rpc_details(exc), f"StatusCode.{_rpc_code(exc)}") from None
+                    raise self._error(spec.name, _rpc_details(exc), f"StatusCode.{_rpc_code(exc)}", url) from None
                 if error is not None:
                     # The model sends its error with the final flag; let the stream end rather than
                     # cancel it (see `generate`).
                     await _drain(responses, self.timeout_s)
-                    raise self._error(spec.name, error.message() or str(error), error.status())
+                    raise self._error(spec.name, error.message() or str(error), error.status(), url)
                 first = False
                 yield result
         finally:
@@ -285,13 +353,13 @@ class TritonComponents(ComponentClient):
 
     # ---- errors ----------------------------------------------------------------------------------
 
-    def _error(self, component: str, message: str, status: str | None) -> VitaserveError:
+    def _error(self, component: str, message: str, status: str | None, url: str) -> VitaserveError:
         """Map Triton's answer to a VitaserveError (see the module docstring)."""
         parsed = parse_error(message)
         if parsed is not None:
             return parsed
         code = (status or "").rsplit(".", 1)[-1]
-        where = f"{component} at {self.urls.get(component, '?')}"
+        where = f"{component} at {url}"
         if code == "NOT_FOUND" or "unknown model" in message.lower():
             return Unavailable(f"{where}: the model is not loaded ({message})")
         if code == "INVALID_ARGUMENT":

@@ -135,11 +135,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS,
                         help="concurrent streams per instance of the decoupled models")
     parser.add_argument("--models", default=None, help="comma-separated subset (default: all four)")
+    parser.add_argument("--source", default=None,
+                        help="repository to copy the model.py adapters from (default: the checked-in one; "
+                             "images where the package is installed, not run from the source tree, pass it)")
     args = parser.parse_args(argv)
     models = None if args.models is None else [m.strip() for m in args.models.split(",") if m.strip()]
     try:
         out = render_repository(args.out, checkpoint_dir=args.checkpoint_dir, dtype=args.dtype, kind=args.kind,
-                                instances=args.instances, models=models, max_streams=args.max_streams)
+                                instances=args.instances, models=models, max_streams=args.max_streams,
+                                source=args.source)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
