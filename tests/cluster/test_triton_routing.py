@@ -102,6 +102,23 @@ def test_static_list_keeps_each_session_on_one_server(servers: list[TritonServer
     assert {next(iter(w)) for w in placement.values()} == {0, 1}  # and the sessions use both servers
 
 
+def test_an_unreachable_endpoint_is_failed_over_and_avoided(servers: list[TritonServer]) -> None:
+    dead = f"127.0.0.1:{_free_port()}"  # listed, but nothing serves there (a pod gone since the last update)
+
+    async def body() -> None:
+        client = TritonComponents({"llm_decoder": f"{dead},{servers[0].grpc_url}"}, components=["llm_decoder"])
+        try:
+            await turns(client, "failover")  # no health check first: the first call to `dead` fails over
+            assert [e.url for e in client.router.usable("llm_decoder")] == [servers[0].grpc_url]
+            health = await client.endpoint_health()
+            assert health["llm_decoder"] == {dead: False, servers[0].grpc_url: True}
+        finally:
+            await client.close()
+
+    asyncio.run(body())
+    assert all(served_by(servers, f"failover-{s}-{t}") == 0 for s in SESSIONS for t in range(2))
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

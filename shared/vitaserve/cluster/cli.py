@@ -21,8 +21,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from vitaserve.cluster.discovery import Discovery, KubernetesDiscovery, StaticDiscovery, default_api_client, \
-    pod_namespace
+from vitaserve.cluster.discovery import (
+    Discovery,
+    KubernetesDiscovery,
+    StaticDiscovery,
+    default_api_client,
+    pod_namespace,
+)
 from vitaserve.cluster.routing import Router
 from vitaserve.components.base import COMPONENTS
 

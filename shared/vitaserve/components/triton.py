@@ -8,6 +8,9 @@ router seam). A URL may list several `host:port,host:port` (a static list), or t
 component's Kubernetes pods (`KubernetesDiscovery`). A session's LLM calls stay on one server while it is
 ready (consistent hashing on `session_id`, so the server's KV cache is reused); every other call goes
 round-robin. `health()` checks the model on every endpoint and tells the router which ones to avoid.
+Failover: when an endpoint cannot be reached (gRPC UNAVAILABLE, model not loaded there) before the call got
+any response, the endpoint is marked unhealthy and the call is retried once on another ready endpoint; a
+stream that has already produced output is never retried (its output would repeat).
 
 - Unary calls (`encode_images`, `encode_audio`) carry a gRPC deadline of `timeout_s`. Several images are
   sent as concurrent one-image requests, which Triton's dynamic batcher groups into one `execute()`.
@@ -28,8 +31,9 @@ first coroutine that needs them; using the object from another event loop later 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -71,6 +75,11 @@ from vitaserve.errors import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class _EndpointDown(Unavailable):
+    """This endpoint cannot serve the call (unreachable, model not loaded there); another one may."""
 
 # gRPC status (of Triton's answer, or of the call itself) -> error class, when the model sent no code.
 _STATUS_ERRORS: dict[str, type[VitaserveError]] = {
@@ -204,17 +213,22 @@ class TritonComponents(ComponentClient):
         for i, image in enumerate(images):
             if not isinstance(image, ImageInput) or not isinstance(image.data, (bytes, bytearray)):
                 raise InvalidInput(f"images[{i}] must be an ImageInput holding bytes")
-        # One endpoint for all images of the call: its dynamic batcher groups them into one forward.
-        endpoint = self._pick(VISION_ENCODER.name) if images else None
-        calls = []
+        requests = []
         for i, image in enumerate(images):
             values = {
                 "IMAGE": np.array([[bytes(image.data)]], dtype=np.object_),
                 "MAX_TILES": np.array([[_int(image.max_tiles, "max_tiles", _INT32)]], dtype=np.int32),
             }
             rid = f"{request_id}/{i}" if request_id and len(images) > 1 else request_id
-            calls.append(self._infer(VISION_ENCODER, values, rid, endpoint))
-        results = await _all(calls)
+            requests.append((values, rid))
+        if not requests:
+            return []
+
+        # One endpoint for all images of the call: its dynamic batcher groups them into one forward.
+        async def on(endpoint: Endpoint) -> list[Any]:
+            return await _all([self._infer(VISION_ENCODER, values, rid, endpoint) for values, rid in requests])
+
+        results = await self._with_failover(VISION_ENCODER.name, on)
         return [result.as_numpy("EMBEDDINGS")[0] for result in results]
 
     async def encode_audio(self, pcm: np.ndarray, *, request_id: str = "") -> np.ndarray:
@@ -222,8 +236,27 @@ class TritonComponents(ComponentClient):
         if wave.ndim != 1 or not np.issubdtype(wave.dtype, np.floating) or wave.size == 0:
             raise InvalidInput(f"PCM must be a non-empty 1-D float array, got {wave.dtype} {wave.shape}")
         values = {"PCM": wave.astype(np.float32, copy=False)[None, :]}
-        result = await self._infer(AUDIO_ENCODER, values, request_id, self._pick(AUDIO_ENCODER.name))
+        result = await self._with_failover(
+            AUDIO_ENCODER.name, lambda endpoint: self._infer(AUDIO_ENCODER, values, request_id, endpoint))
         return result.as_numpy("EMBEDDINGS")[0]
+
+    async def _with_failover(self, component: str, call: Callable[[Endpoint], Awaitable[T]],
+                             affinity: str = "") -> T:
+        endpoint = self._pick(component, affinity)
+        try:
+            return await call(endpoint)
+        except _EndpointDown as exc:
+            endpoint = self._fail_over(component, endpoint, affinity, exc)
+        return await call(endpoint)
+
+    def _fail_over(self, component: str, failed: Endpoint, affinity: str, exc: _EndpointDown) -> Endpoint:
+        """The endpoint to retry on after `failed` could not serve; re-raises when there is none."""
+        if not [e for e in self.router.usable(component) if e.url != failed.url]:
+            raise exc
+        self.router.set_health(component, failed.url, False)  # until health() finds it ready again
+        endpoint = self._pick(component, affinity)
+        log.warning("%s at %s (%s): %s; retrying on %s", component, failed.url, failed.name, exc, endpoint.url)
+        return endpoint
 
     async def _infer(self, spec: ModelSpec, values: dict[str, np.ndarray], request_id: str,
                      endpoint: Endpoint) -> Any:
@@ -269,8 +302,7 @@ class TritonComponents(ComponentClient):
         values.update(pack_media(media))
         # aclosing: leaving this generator (aclose, cancel, the end) closes the stream at once, not at GC.
         # Session affinity: the session's earlier turns are cached on that server.
-        endpoint = self._pick(LLM_DECODER.name, affinity=session_id)
-        async with aclosing(self._stream(LLM_DECODER, values, request_id, endpoint)) as results:
+        async with aclosing(self._stream(LLM_DECODER, values, request_id, affinity=session_id)) as results:
             async for result in results:
                 token = int(result.as_numpy("TOKEN_ID")[0])
                 finish = result.as_numpy("FINISH_REASON")[0].decode("utf-8") or None
@@ -296,26 +328,34 @@ class TritonComponents(ComponentClient):
         }
         if seed is not None:
             values["SEED"] = np.array([_int(seed, "seed", _INT64)], dtype=np.int64)
-        endpoint = self._pick(SPEECH_SYNTH.name)
-        async with aclosing(self._stream(SPEECH_SYNTH, values, request_id, endpoint)) as results:
+        async with aclosing(self._stream(SPEECH_SYNTH, values, request_id)) as results:
             async for result in results:
                 pcm = result.as_numpy("PCM").astype(np.float32, copy=False)
                 yield SpeechChunk(pcm=pcm, sample_rate=int(result.as_numpy("SAMPLE_RATE")[0]))
 
     async def _stream(self, spec: ModelSpec, values: dict[str, np.ndarray], request_id: str,
-                      endpoint: Endpoint) -> AsyncIterator[Any]:
+                      affinity: str = "") -> AsyncIterator[Any]:
         """One request on its own gRPC stream; yields the results until the model closes the request.
-        Leaving early (aclose, task cancel, an error) cancels the gRPC call."""
-        url = endpoint.url
-        client = self._client(url)
-        self._active[url] += 1
-        try:
-            # aclosing: closing this generator must close the inner one now (that cancels the gRPC call).
-            async with aclosing(self._stream_results(spec, client, values, request_id, url)) as results:
-                async for result in results:
-                    yield result
-        finally:
-            self._active[url] -= 1
+        Leaving early (aclose, task cancel, an error) cancels the gRPC call. An endpoint that cannot
+        serve before the first result is failed over once (see the module docstring)."""
+        endpoint = self._pick(spec.name, affinity)
+        for attempt in range(2):
+            url, started = endpoint.url, False
+            self._active[url] += 1
+            try:
+                # aclosing: closing this generator must close the inner one now (that cancels the gRPC call).
+                async with aclosing(self._stream_results(spec, self._client(url), values, request_id, url)
+                                    ) as results:
+                    async for result in results:
+                        started = True
+                        yield result
+                return
+            except _EndpointDown as exc:
+                if started or attempt:
+                    raise
+                endpoint = self._fail_over(spec.name, endpoint, affinity, exc)
+            finally:
+                self._active[url] -= 1
 
     async def _stream_results(self, spec: ModelSpec, client: grpcclient.InferenceServerClient,
                               values: dict[str, np.ndarray], request_id: str, url: str) -> AsyncIterator[Any]:
@@ -361,7 +401,9 @@ class TritonComponents(ComponentClient):
         code = (status or "").rsplit(".", 1)[-1]
         where = f"{component} at {url}"
         if code == "NOT_FOUND" or "unknown model" in message.lower():
-            return Unavailable(f"{where}: the model is not loaded ({message})")
+            return _EndpointDown(f"{where}: the model is not loaded ({message})")
+        if code == "UNAVAILABLE":
+            return _EndpointDown(f"{where}: {message}")
         if code == "INVALID_ARGUMENT":
             return InvalidInput(message)
         if code == "DEADLINE_EXCEEDED":
