@@ -159,6 +159,19 @@ class OrchestratorSettings(BaseSettings):
         160, ge=1, description="Virtual nodes per Triton pod on the session hash ring (LLM affinity)."
     )
 
+    # --- metrics and traces (vitaserve_orchestrator.telemetry) ---------------------------------------------
+    metrics_address: str | None = Field(
+        None, description="host:port of the Prometheus /metrics endpoint (unset = no endpoint)."
+    )
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/gRPC collector for traces, e.g. otel-collector:4317 (unset = tracing off)."
+    )
+    otlp_insecure: bool = Field(True, description="Plain-text OTLP (no TLS) to the collector.")
+    otel_service_name: str = Field("vitaserve-orchestrator", description="service.name of the traces.")
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of new traces sampled (a parent's decision is followed)."
+    )
+
     @model_validator(mode="after")
     def _check_backend(self) -> OrchestratorSettings:
         host, sep, port = self.listen_address.rpartition(":")
