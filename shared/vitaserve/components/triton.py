@@ -138,7 +138,9 @@ class TritonComponents(ComponentClient):
             self.urls = {name: urls[name] for name in self.components}
             router = Router(StaticDiscovery(self.urls))  # ValueError on a malformed host:port
         else:
-            self.urls = {name: router.discovery.describe(name) for name in self.components}
+            static = isinstance(router.discovery, StaticDiscovery)  # the list itself; else where it comes from
+            self.urls = {name: ",".join(e.url for e in router.endpoints(name)) if static
+                         else router.discovery.describe(name) for name in self.components}
         self.router = router
         self.timeout_s = timeout_s
         self.first_response_timeout_s = first_response_timeout_s
