@@ -191,3 +191,16 @@ def test_cluster_status_shows_pods_and_model_readiness(servers: list[TritonServe
         assert '"vision_encoder": {' in out and '"pods": []' in out
     assert cli.main(["status", "--url", "nope=1.2.3.4:5"]) == 2
     assert "COMPONENT=VALUE" in capsys.readouterr().err
+
+
+def test_the_dashboards_triton_metrics_exist(servers: list[TritonServer]) -> None:
+    """The Grafana dashboard's Triton queries name metrics a real tritonserver exports (GPU ones aside)."""
+    import json
+    import urllib.request
+
+    dashboard = Path(__file__).parents[2] / "helm" / "vitaserve" / "dashboards" / "vitaserve.json"
+    exprs = " ".join(t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p["targets"])
+    wanted = set(re.findall(r"\b(nv_[a-z_]+)", exprs)) - {"nv_gpu_utilization", "nv_gpu_memory_used_bytes"}
+    with urllib.request.urlopen(servers[0].metrics_url, timeout=5) as response:
+        exported = set(re.findall(r"^(nv_[a-z_]+)", response.read().decode(), re.MULTILINE))
+    assert wanted and wanted <= exported, wanted - exported

@@ -227,3 +227,30 @@ def test_batch_worker_and_beat() -> None:
     assert beat_deployment["spec"]["replicas"] == 1 and beat_deployment["spec"]["strategy"]["type"] == "Recreate"
     assert worker["image"] == "registry.example.com/vitaserve/batch:0.1.0"
     assert {e["name"] for e in worker["env"]} >= {"VITASERVE_REDIS_URL"}
+
+
+DASHBOARD = CHART / "dashboards" / "vitaserve.json"
+TRITON_GPU_METRICS = {"nv_gpu_utilization", "nv_gpu_memory_used_bytes"}  # only on GPU nodes
+
+
+def dashboard_metrics() -> set[str]:
+    """Metric names the dashboard's queries use (histogram series reduced to the metric)."""
+    import re
+
+    exprs = [t["expr"] for p in json.loads(DASHBOARD.read_text())["panels"] for t in p["targets"]]
+    names = set(re.findall(r"\b((?:vitaserve|nv)_[a-z_]+)", " ".join(exprs)))
+    return {re.sub(r"_(bucket|sum|count)$", "", n) if n.startswith("vitaserve_") else n for n in names}
+
+
+def test_grafana_dashboard_configmap_and_its_orchestrator_metrics() -> None:
+    from vitaserve_orchestrator.telemetry import Metrics
+
+    (configmap,) = [d for d in render("default") if d["metadata"]["name"] == "vs-vitaserve-dashboard"]
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(configmap["data"]["vitaserve.json"]) == json.loads(DASHBOARD.read_text())
+    registered = {m.name.removesuffix("_total") if m.type == "counter" else m.name
+                  for m in Metrics().registry.collect()}
+    wanted = {n.removesuffix("_total") for n in dashboard_metrics() if n.startswith("vitaserve_")}
+    assert wanted and wanted <= registered, wanted - registered
+    off = helm.Chart.load(CHART).render({"grafana": {"dashboard": {"enabled": False}}}, name="vs", namespace="ml")
+    assert "vs-vitaserve-dashboard" not in "".join(off.values())
