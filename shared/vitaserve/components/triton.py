@@ -101,7 +101,7 @@ class TritonComponents(ComponentClient):
     urls: `host:port` of one Triton serving every component, or a mapping component -> `host:port`
         naming at least every component in `components`; each may list several `host:port,host:port`.
     router: picks the endpoint of every call instead (e.g. over Kubernetes discovery); `urls` is then
-        not needed.
+        not needed. The client owns it: `close()` stops its discovery.
     components: the components this client serves (default: all four); calls to others raise
         `Unavailable`, and `health()` reports only these.
     timeout_s: deadline of unary calls and of readiness checks beyond `health_timeout_s`.
