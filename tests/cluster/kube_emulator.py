@@ -25,12 +25,24 @@ import copy
 import json
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 PREFIX = "/apis/discovery.k8s.io/v1/namespaces/"
+T = TypeVar("T")
+
+
+def eventually(check: Callable[[], T], timeout: float = 5.0, what: str = "condition") -> T:
+    """Poll `check` until it returns something truthy (watch events arrive on another thread)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        assert time.monotonic() < deadline, f"timed out waiting for {what}; last: {result!r}"
+        time.sleep(0.02)
 
 
 def endpoint_slice(

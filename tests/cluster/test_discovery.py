@@ -7,8 +7,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import eventually
-from kube_emulator import KubeEmulator, endpoint_slice
+from kube_emulator import KubeEmulator, endpoint_slice, eventually
 
 from vitaserve.cluster.discovery import KubernetesDiscovery
 

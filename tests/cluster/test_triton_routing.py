@@ -13,8 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import eventually
-from kube_emulator import KubeEmulator, endpoint_slice
+from kube_emulator import KubeEmulator, endpoint_slice, eventually
 
 from vitaserve.cluster import cli
 from vitaserve.cluster.discovery import KubernetesDiscovery
