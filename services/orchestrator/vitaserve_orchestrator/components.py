@@ -1,4 +1,5 @@
-"""Builds the `ComponentClient` the settings ask for (Triton URLs, or the models in this process)."""
+"""Builds the `ComponentClient` the settings ask for (Triton URLs or Kubernetes discovery, or the models in
+this process)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,25 @@ def build_components(config: OrchestratorSettings) -> ComponentClient:
     """`TritonComponents` over the per-component URLs, or `InProcessComponents` loading the checkpoint
     (blocking: loads every model). Imported lazily so each deployment needs only its backend's deps."""
     if config.backend == "triton":
+        from vitaserve.cluster.routing import Router
         from vitaserve.components.triton import TritonComponents
 
+        if config.discovery == "kubernetes":
+            from vitaserve.cluster.discovery import KubernetesDiscovery, pod_namespace
+
+            discovery = KubernetesDiscovery(
+                config.component_services(),
+                namespace=config.kubernetes_namespace or pod_namespace(),
+                port_name=config.triton_port_name,
+                watch_timeout_s=config.discovery_watch_timeout_s,
+            )
+            discovery.start()  # watcher threads; stopped by TritonComponents.close()
+        else:
+            from vitaserve.cluster.discovery import StaticDiscovery
+
+            discovery = StaticDiscovery(config.component_urls())
         return TritonComponents(
-            config.component_urls(),
+            router=Router(discovery, vnodes=config.routing_vnodes),
             timeout_s=config.encode_timeout_s,
             first_response_timeout_s=config.first_token_timeout_s,
         )

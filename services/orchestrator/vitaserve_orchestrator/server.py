@@ -4,6 +4,9 @@
 tests do) and returns `(server, port)`; `await server.start()` starts serving. Health (service "" and
 "vitaserve.v1.Orchestrator") is NOT_SERVING until `components.health()` reports every component ready,
 follows it afterwards (probed every `health_poll_s`), and is NOT_SERVING for good once draining starts.
+Service "liveness" is SERVING from start until draining, whatever the components' state: a liveness
+probe on it restarts a stuck process, never one that merely waits for Triton (Kubernetes probes, see
+helm/vitaserve).
 `stop(grace)`: NOT_SERVING first (load balancers stop routing new streams), then `grpc.aio.Server.stop`,
 which gives running streams `grace` seconds before cancelling them. `serve()` runs it until SIGTERM.
 
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 HEALTH_SERVICES = ("", SERVICE_NAME)
+LIVENESS_SERVICE = "liveness"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -73,6 +77,7 @@ class OrchestratorServer:
     async def start(self) -> None:
         for service in HEALTH_SERVICES:
             await self.health.set(service, _NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, _SERVING)
         await self.grpc_server.start()
         self._tasks.spawn(self._watch_readiness(), "readiness")
         log.info("orchestrator listening on port %d", self.port)

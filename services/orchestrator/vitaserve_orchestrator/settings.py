@@ -13,6 +13,11 @@ Backends:
 Sessions (`VITASERVE_SESSION_STORE`): `memory` (this process only: the embedded default) or `redis`
 (shared by every replica; needs `VITASERVE_REDIS_URL`). Auth is on when `VITASERVE_API_KEYS_FILE` names a
 keys file (auth.py); TLS when `VITASERVE_TLS_CERT_FILE` and `VITASERVE_TLS_KEY_FILE` are set.
+
+Discovery of the Triton servers (backend=triton): `static` = the URLs above, each may list several
+`host:port,host:port`; `kubernetes` = the ready pods of one Service per component, from its EndpointSlices
+(`VITASERVE_TRITON_SERVICE` or `VITASERVE_<COMPONENT>_SERVICE`, in `VITASERVE_KUBERNETES_NAMESPACE`).
+Either way a session's LLM calls stay on one server (consistent hashing), other calls go round-robin.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from vitaserve.cluster.discovery import parse_endpoints
 from vitaserve.components.base import COMPONENTS
 
 ENV_PREFIX = "VITASERVE_"
@@ -189,19 +195,73 @@ class OrchestratorSettings(BaseSettings):
             if path is not None and not path.is_file():
                 raise ValueError(f"{ENV_PREFIX}{name.upper()} is not a file: {path}")
         return self
+    # --- Triton discovery and routing (vitaserve.cluster) -------------------------------------------------
+    discovery: Literal["static", "kubernetes"] = Field(
+        "static", description="static: the *_URL lists; kubernetes: watch each component's Service endpoints."
+    )
+    kubernetes_namespace: str | None = Field(
+        None, description="Namespace of the Triton Services (default: this pod's own namespace)."
+    )
+    triton_service: str | None = Field(
+        None, description="Service of the Triton pods serving every component (discovery=kubernetes)."
+    )
+    vision_encoder_service: str | None = Field(
+        None, description="Service of vision_encoder's Triton pods (overrides triton_service)."
+    )
+    audio_encoder_service: str | None = Field(
+        None, description="Service of audio_encoder's Triton pods (overrides triton_service)."
+    )
+    llm_decoder_service: str | None = Field(
+        None, description="Service of llm_decoder's Triton pods (overrides triton_service)."
+    )
+    speech_synth_service: str | None = Field(
+        None, description="Service of speech_synth's Triton pods (overrides triton_service)."
+    )
+    triton_port_name: str = Field("grpc", description="Name of the Triton gRPC port in the EndpointSlices.")
+    discovery_watch_timeout_s: int = Field(
+        300, ge=10, description="Server-side timeout of one EndpointSlice watch before it is resumed."
+    )
+    routing_vnodes: int = Field(
+        160, ge=1, description="Virtual nodes per Triton pod on the session hash ring (LLM affinity)."
+    )
+
+    # --- metrics and traces (vitaserve_orchestrator.telemetry) ---------------------------------------------
+    metrics_address: str | None = Field(
+        None, description="host:port of the Prometheus /metrics endpoint (unset = no endpoint)."
+    )
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/gRPC collector for traces, e.g. otel-collector:4317 (unset = tracing off)."
+    )
+    otlp_insecure: bool = Field(True, description="Plain-text OTLP (no TLS) to the collector.")
+    otel_service_name: str = Field("vitaserve-orchestrator", description="service.name of the traces.")
+    trace_sample_ratio: float = Field(
+        1.0, ge=0, le=1, description="Share of new traces sampled (a parent's decision is followed)."
+    )
 
     @model_validator(mode="after")
     def _check_backend(self) -> OrchestratorSettings:
         host, sep, port = self.listen_address.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"{ENV_PREFIX}LISTEN_ADDRESS must be host:port, got {self.listen_address!r}")
-        if self.backend == "triton":
+        if self.backend == "triton" and self.discovery == "kubernetes":
+            missing = [name for name, service in self._services().items() if not service]
+            if missing:
+                raise ValueError(
+                    f"discovery=kubernetes needs {ENV_PREFIX}TRITON_SERVICE or a Service for every component; "
+                    "missing: " + ", ".join(f"{ENV_PREFIX}{name.upper()}_SERVICE" for name in missing)
+                )
+        elif self.backend == "triton":
             missing = [name for name, url in self._urls().items() if not url]
             if missing:
                 raise ValueError(
                     f"backend=triton needs {ENV_PREFIX}TRITON_URL or a URL for every component; missing: "
                     + ", ".join(f"{ENV_PREFIX}{name.upper()}_URL" for name in missing)
                 )
+            for name, url in self._urls().items():
+                try:
+                    parse_endpoints(url or "")
+                except ValueError as exc:
+                    raise ValueError(f"{ENV_PREFIX}{name.upper()}_URL (or TRITON_URL): {exc}") from None
         elif self.checkpoint_dir is None:
             raise ValueError(f"backend=inprocess needs {ENV_PREFIX}CHECKPOINT_DIR")
         elif not self.checkpoint_dir.is_dir():
@@ -212,6 +272,13 @@ class OrchestratorSettings(BaseSettings):
 
     def _urls(self) -> dict[str, str | None]:
         return {name: getattr(self, f"{name}_url") or self.triton_url for name in COMPONENTS}
+
+    def _services(self) -> dict[str, str | None]:
+        return {name: getattr(self, f"{name}_service") or self.triton_service for name in COMPONENTS}
+
+    def component_services(self) -> dict[str, str]:
+        """Kubernetes Service of each component (discovery=kubernetes)."""
+        return {name: service for name, service in self._services().items() if service}
 
     def component_urls(self) -> dict[str, str]:
         """Triton URL of each component (backend=triton)."""

@@ -3,6 +3,15 @@
 Each component may live on its own Triton deployment (one URL per component) or all on one server (one
 URL). Tensor names and dtypes come from `vitaserve.components.tensors`, shared with the models.
 
+Several servers per component: each call asks a `vitaserve.cluster.routing.Router` for its endpoint (the
+router seam). A URL may list several `host:port,host:port` (a static list), or the router follows the
+component's Kubernetes pods (`KubernetesDiscovery`). A session's LLM calls stay on one server while it is
+ready (consistent hashing on `session_id`, so the server's KV cache is reused); every other call goes
+round-robin. `health()` checks the model on every endpoint and tells the router which ones to avoid.
+Failover: when an endpoint cannot be reached (gRPC UNAVAILABLE, model not loaded there) before the call got
+any response, the endpoint is marked unhealthy and the call is retried once on another ready endpoint; a
+stream that has already produced output is never retried (its output would repeat).
+
 - Unary calls (`encode_images`, `encode_audio`) carry a gRPC deadline of `timeout_s`. Several images are
   sent as concurrent one-image requests, which Triton's dynamic batcher groups into one `execute()`.
 - Streams (`generate`, `synthesize`) send one request per gRPC stream. Closing the async iterator or
@@ -22,7 +31,9 @@ first coroutine that needs them; using the object from another event loop later 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping, Sequence
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from typing import Any, TypeVar
 
@@ -31,6 +42,8 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
+from vitaserve.cluster.discovery import Endpoint, StaticDiscovery
+from vitaserve.cluster.routing import Router
 from vitaserve.components.base import (
     COMPONENTS,
     ComponentClient,
@@ -62,6 +75,11 @@ from vitaserve.errors import (
 )
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+class _EndpointDown(Unavailable):
+    """This endpoint cannot serve the call (unreachable, model not loaded there); another one may."""
 
 # gRPC status (of Triton's answer, or of the call itself) -> error class, when the model sent no code.
 _STATUS_ERRORS: dict[str, type[VitaserveError]] = {
@@ -81,7 +99,9 @@ class TritonComponents(ComponentClient):
     """The components as Triton models reached over gRPC.
 
     urls: `host:port` of one Triton serving every component, or a mapping component -> `host:port`
-        naming at least every component in `components`.
+        naming at least every component in `components`; each may list several `host:port,host:port`.
+    router: picks the endpoint of every call instead (e.g. over Kubernetes discovery); `urls` is then
+        not needed. The client owns it: `close()` stops its discovery.
     components: the components this client serves (default: all four); calls to others raise
         `Unavailable`, and `health()` reports only these.
     timeout_s: deadline of unary calls and of readiness checks beyond `health_timeout_s`.
@@ -93,8 +113,9 @@ class TritonComponents(ComponentClient):
 
     def __init__(
         self,
-        urls: str | Mapping[str, str],
+        urls: str | Mapping[str, str] | None = None,
         *,
+        router: Router | None = None,
         components: Iterable[str] = COMPONENTS,
         timeout_s: float = 10.0,
         first_response_timeout_s: float = 30.0,
@@ -105,50 +126,87 @@ class TritonComponents(ComponentClient):
         unknown = sorted(set(self.components) - set(COMPONENTS))
         if unknown:
             raise ValueError(f"unknown component(s) {unknown}; known: {', '.join(COMPONENTS)}")
-        if isinstance(urls, str):
-            urls = {name: urls for name in self.components}
-        extra = sorted(set(urls) - set(COMPONENTS))
-        missing = [name for name in self.components if not urls.get(name)]
-        if extra or missing:
-            raise ValueError(f"Triton URLs: unknown component(s) {extra}, no URL for {missing}")
-        self.urls = {name: urls[name] for name in self.components}
+        if router is None:
+            if urls is None:
+                raise ValueError("TritonComponents needs urls or a router")
+            if isinstance(urls, str):
+                urls = {name: urls for name in self.components}
+            extra = sorted(set(urls) - set(COMPONENTS))
+            missing = [name for name in self.components if not urls.get(name)]
+            if extra or missing:
+                raise ValueError(f"Triton URLs: unknown component(s) {extra}, no URL for {missing}")
+            self.urls = {name: urls[name] for name in self.components}
+            router = Router(StaticDiscovery(self.urls))  # ValueError on a malformed host:port
+        else:
+            static = isinstance(router.discovery, StaticDiscovery)  # the list itself; else where it comes from
+            self.urls = {name: ",".join(e.url for e in router.endpoints(name)) if static
+                         else router.discovery.describe(name) for name in self.components}
+        self.router = router
         self.timeout_s = timeout_s
         self.first_response_timeout_s = first_response_timeout_s
         self.stream_timeout_s = stream_timeout_s
         self.health_timeout_s = health_timeout_s
         self._clients: dict[str, grpcclient.InferenceServerClient] = {}
+        self._active: Counter[str] = Counter()  # calls in flight per endpoint url
         self._loop: asyncio.AbstractEventLoop | None = None
 
     # ---- connections -------------------------------------------------------------------------------
 
-    def _client(self, component: str) -> grpcclient.InferenceServerClient:
+    def _pick(self, component: str, affinity: str = "") -> Endpoint:
         if component not in self.urls:
             raise Unavailable(f"component {component!r} is not configured in this client "
                               f"(configured: {', '.join(self.components)})")
+        return self.router.pick(component, affinity=affinity)
+
+    def _client(self, url: str) -> grpcclient.InferenceServerClient:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # channels are bound to the loop that created them
             self._clients, self._loop = {}, loop
-        url = self.urls[component]
         if url not in self._clients:
             self._clients[url] = grpcclient.InferenceServerClient(url)
         return self._clients[url]
 
     async def close(self) -> None:
+        """Close the channels and the router (this client owns it: discovery watchers stop)."""
+        self.router.close()
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.close()
 
     async def health(self) -> Health:
-        async def ready(component: str) -> bool:
-            try:
-                client = self._client(component)
-                check = client.is_model_ready(MODELS[component].name, client_timeout=self.health_timeout_s)
-                return bool(await asyncio.wait_for(check, self.health_timeout_s + 0.5))
-            except Exception:  # noqa: BLE001 - health never raises: an unreachable component is not ready
-                return False
+        """A component is ready when its model is ready on at least one endpoint; each endpoint's result
+        goes to the router, which avoids the not-ready ones."""
+        checks = await self.endpoint_health()
+        return Health(ready={name: any(checks[name].values()) for name in self.components})
 
-        results = await asyncio.gather(*(ready(name) for name in self.components))
-        return Health(ready=dict(zip(self.components, results)))
+    async def endpoint_health(self) -> dict[str, dict[str, bool]]:
+        """component -> {endpoint url: model ready} over the endpoints discovery reports ready."""
+
+        async def ready(component: str, url: str) -> bool:
+            try:
+                check = self._client(url).is_model_ready(MODELS[component].name,
+                                                         client_timeout=self.health_timeout_s)
+                ok = bool(await asyncio.wait_for(check, self.health_timeout_s + 0.5))
+            except Exception:  # noqa: BLE001 - health never raises: an unreachable component is not ready
+                ok = False
+            self.router.set_health(component, url, ok)
+            return ok
+
+        pairs = [(name, e.url) for name in self.components for e in self.router.endpoints(name)]
+        results = await asyncio.gather(*(ready(name, url) for name, url in pairs))
+        checks: dict[str, dict[str, bool]] = {name: {} for name in self.components}
+        for (name, url), ok in zip(pairs, results):
+            checks[name][url] = ok
+        await self._close_unused({url for _, url in pairs})
+        return checks
+
+    async def _close_unused(self, in_use: set[str]) -> None:
+        """Close channels to endpoints discovery no longer lists (pods scaled away) once no call runs on
+        them: a terminating pod still finishes the streams it has."""
+        if asyncio.get_running_loop() is not self._loop:
+            return
+        for url in [u for u in self._clients if u not in in_use and not self._active[u]]:
+            await self._clients.pop(url).close()
 
     # ---- unary calls -------------------------------------------------------------------------------
 
@@ -157,15 +215,22 @@ class TritonComponents(ComponentClient):
         for i, image in enumerate(images):
             if not isinstance(image, ImageInput) or not isinstance(image.data, (bytes, bytearray)):
                 raise InvalidInput(f"images[{i}] must be an ImageInput holding bytes")
-        calls = []
+        requests = []
         for i, image in enumerate(images):
             values = {
                 "IMAGE": np.array([[bytes(image.data)]], dtype=np.object_),
                 "MAX_TILES": np.array([[_int(image.max_tiles, "max_tiles", _INT32)]], dtype=np.int32),
             }
             rid = f"{request_id}/{i}" if request_id and len(images) > 1 else request_id
-            calls.append(self._infer(VISION_ENCODER, values, rid))
-        results = await _all(calls)
+            requests.append((values, rid))
+        if not requests:
+            return []
+
+        # One endpoint for all images of the call: its dynamic batcher groups them into one forward.
+        async def on(endpoint: Endpoint) -> list[Any]:
+            return await _all([self._infer(VISION_ENCODER, values, rid, endpoint) for values, rid in requests])
+
+        results = await self._with_failover(VISION_ENCODER.name, on)
         return [result.as_numpy("EMBEDDINGS")[0] for result in results]
 
     async def encode_audio(self, pcm: np.ndarray, *, request_id: str = "") -> np.ndarray:
@@ -173,21 +238,44 @@ class TritonComponents(ComponentClient):
         if wave.ndim != 1 or not np.issubdtype(wave.dtype, np.floating) or wave.size == 0:
             raise InvalidInput(f"PCM must be a non-empty 1-D float array, got {wave.dtype} {wave.shape}")
         values = {"PCM": wave.astype(np.float32, copy=False)[None, :]}
-        result = await self._infer(AUDIO_ENCODER, values, request_id)
+        result = await self._with_failover(
+            AUDIO_ENCODER.name, lambda endpoint: self._infer(AUDIO_ENCODER, values, request_id, endpoint))
         return result.as_numpy("EMBEDDINGS")[0]
 
-    async def _infer(self, spec: ModelSpec, values: dict[str, np.ndarray], request_id: str) -> Any:
-        client = self._client(spec.name)
+    async def _with_failover(self, component: str, call: Callable[[Endpoint], Awaitable[T]],
+                             affinity: str = "") -> T:
+        endpoint = self._pick(component, affinity)
+        try:
+            return await call(endpoint)
+        except _EndpointDown as exc:
+            endpoint = self._fail_over(component, endpoint, affinity, exc)
+        return await call(endpoint)
+
+    def _fail_over(self, component: str, failed: Endpoint, affinity: str, exc: _EndpointDown) -> Endpoint:
+        """The endpoint to retry on after `failed` could not serve; re-raises when there is none."""
+        if not [e for e in self.router.usable(component) if e.url != failed.url]:
+            raise exc
+        self.router.set_health(component, failed.url, False)  # until health() finds it ready again
+        endpoint = self._pick(component, affinity)
+        log.warning("%s at %s (%s): %s; retrying on %s", component, failed.url, failed.name, exc, endpoint.url)
+        return endpoint
+
+    async def _infer(self, spec: ModelSpec, values: dict[str, np.ndarray], request_id: str,
+                     endpoint: Endpoint) -> Any:
+        client = self._client(endpoint.url)
+        self._active[endpoint.url] += 1
         try:
             call = client.infer(spec.name, _inputs(spec, values), outputs=_outputs(spec), request_id=request_id,
                                 client_timeout=self.timeout_s)
             # The gRPC deadline bounds the call; the outer bound also covers a stalled channel setup.
             return await asyncio.wait_for(call, self.timeout_s + 1.0)
         except InferenceServerException as exc:
-            raise self._error(spec.name, exc.message() or str(exc), exc.status()) from None
+            raise self._error(spec.name, exc.message() or str(exc), exc.status(), endpoint.url) from None
         except asyncio.TimeoutError:
-            raise Unavailable(f"{spec.name} at {self.urls[spec.name]}: no answer within "
+            raise Unavailable(f"{spec.name} at {endpoint.url}: no answer within "
                               f"{self.timeout_s:g} s") from None
+        finally:
+            self._active[endpoint.url] -= 1
 
     # ---- streams ---------------------------------------------------------------------------------
 
@@ -215,7 +303,8 @@ class TritonComponents(ComponentClient):
             values["SESSION_ID"] = np.array([session_id.encode("utf-8")], dtype=np.object_)
         values.update(pack_media(media))
         # aclosing: leaving this generator (aclose, cancel, the end) closes the stream at once, not at GC.
-        async with aclosing(self._stream(LLM_DECODER, values, request_id)) as results:
+        # Session affinity: the session's earlier turns are cached on that server.
+        async with aclosing(self._stream(LLM_DECODER, values, request_id, affinity=session_id)) as results:
             async for result in results:
                 token = int(result.as_numpy("TOKEN_ID")[0])
                 finish = result.as_numpy("FINISH_REASON")[0].decode("utf-8") or None
@@ -246,17 +335,38 @@ class TritonComponents(ComponentClient):
                 pcm = result.as_numpy("PCM").astype(np.float32, copy=False)
                 yield SpeechChunk(pcm=pcm, sample_rate=int(result.as_numpy("SAMPLE_RATE")[0]))
 
-    async def _stream(self, spec: ModelSpec, values: dict[str, np.ndarray], request_id: str
-                      ) -> AsyncIterator[Any]:
+    async def _stream(self, spec: ModelSpec, values: dict[str, np.ndarray], request_id: str,
+                      affinity: str = "") -> AsyncIterator[Any]:
         """One request on its own gRPC stream; yields the results until the model closes the request.
-        Leaving early (aclose, task cancel, an error) cancels the gRPC call."""
-        client = self._client(spec.name)
+        Leaving early (aclose, task cancel, an error) cancels the gRPC call. An endpoint that cannot
+        serve before the first result is failed over once (see the module docstring)."""
+        endpoint = self._pick(spec.name, affinity)
+        for attempt in range(2):
+            url, started = endpoint.url, False
+            self._active[url] += 1
+            try:
+                # aclosing: closing this generator must close the inner one now (that cancels the gRPC call).
+                async with aclosing(self._stream_results(spec, self._client(url), values, request_id, url)
+                                    ) as results:
+                    async for result in results:
+                        started = True
+                        yield result
+                return
+            except _EndpointDown as exc:
+                if started or attempt:
+                    raise
+                endpoint = self._fail_over(spec.name, endpoint, affinity, exc)
+            finally:
+                self._active[url] -= 1
+
+    async def _stream_results(self, spec: ModelSpec, client: grpcclient.InferenceServerClient,
+                              values: dict[str, np.ndarray], request_id: str, url: str) -> AsyncIterator[Any]:
         request = {"model_name": spec.name, "inputs": _inputs(spec, values), "outputs": _outputs(spec),
                    "request_id": request_id}
         try:
             responses = client.stream_infer(_single(request), stream_timeout=self.stream_timeout_s)
         except InferenceServerException as exc:
-            raise self._error(spec.name, exc.message() or str(exc), exc.status()) from None
+            raise self._error(spec.name, exc.message() or str(exc), exc.status(), url) from None
         first = True
         try:
             while True:
@@ -269,15 +379,15 @@ class TritonComponents(ComponentClient):
                 except StopAsyncIteration:
                     return
                 except asyncio.TimeoutError:
-                    raise Unavailable(f"{spec.name} at {self.urls[spec.name]}: no response within "
+                    raise Unavailable(f"{spec.name} at {url}: no response within "
                                       f"{self.first_response_timeout_s:g} s") from None
                 except grpc.RpcError as exc:
-                    raise self._error(spec.name, _rpc_details(exc), f"StatusCode.{_rpc_code(exc)}") from None
+                    raise self._error(spec.name, _rpc_details(exc), f"StatusCode.{_rpc_code(exc)}", url) from None
                 if error is not None:
                     # The model sends its error with the final flag; let the stream end rather than
                     # cancel it (see `generate`).
                     await _drain(responses, self.timeout_s)
-                    raise self._error(spec.name, error.message() or str(error), error.status())
+                    raise self._error(spec.name, error.message() or str(error), error.status(), url)
                 first = False
                 yield result
         finally:
@@ -285,15 +395,17 @@ class TritonComponents(ComponentClient):
 
     # ---- errors ----------------------------------------------------------------------------------
 
-    def _error(self, component: str, message: str, status: str | None) -> VitaserveError:
+    def _error(self, component: str, message: str, status: str | None, url: str) -> VitaserveError:
         """Map Triton's answer to a VitaserveError (see the module docstring)."""
         parsed = parse_error(message)
         if parsed is not None:
             return parsed
         code = (status or "").rsplit(".", 1)[-1]
-        where = f"{component} at {self.urls.get(component, '?')}"
+        where = f"{component} at {url}"
         if code == "NOT_FOUND" or "unknown model" in message.lower():
-            return Unavailable(f"{where}: the model is not loaded ({message})")
+            return _EndpointDown(f"{where}: the model is not loaded ({message})")
+        if code == "UNAVAILABLE":
+            return _EndpointDown(f"{where}: {message}")
         if code == "INVALID_ARGUMENT":
             return InvalidInput(message)
         if code == "DEADLINE_EXCEEDED":

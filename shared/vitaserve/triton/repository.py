@@ -156,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--llm-engine", action="append", default=[], metavar="KEY=VALUE",
                         help="llm_decoder engine parameter, repeatable: " + ", ".join(LLM_ENGINE_DEFAULTS))
     parser.add_argument("--models", default=None, help="comma-separated subset (default: all four)")
+    parser.add_argument("--source", default=None,
+                        help="repository to copy the model.py adapters from (default: the checked-in one; "
+                             "images where the package is installed, not run from the source tree, pass it)")
     args = parser.parse_args(argv)
     models = None if args.models is None else [m.strip() for m in args.models.split(",") if m.strip()]
     try:
@@ -164,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--llm-engine takes KEY=VALUE, got {args.llm_engine}")
         out = render_repository(args.out, checkpoint_dir=args.checkpoint_dir, dtype=args.dtype, kind=args.kind,
                                 instances=args.instances, models=models, max_streams=args.max_streams,
-                                llm_engine=dict(pairs))
+                                llm_engine=dict(pairs), source=args.source)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,133 @@
+"""The orchestrator's metrics and traces: one Prometheus registry, the OpenTelemetry tracer setup, and the
+trace context handed to Triton.
+
+Metrics (`Metrics`, a registry of its own so tests and several servers in one process never collide):
+    vitaserve_time_to_first_token_seconds     histogram  commit of a turn -> its first LLM token
+    vitaserve_time_to_first_audio_seconds     histogram  commit of a turn -> its first audio chunk
+    vitaserve_barge_in_stop_seconds           histogram  first interrupting audio -> last audio chunk of the
+                                                         cancelled response
+    vitaserve_turn_duration_seconds           histogram  commit -> response_done / interrupted
+    vitaserve_active_sessions                 gauge      Converse streams open
+    vitaserve_component_errors_total          counter    {component, code}: errors of component calls
+    vitaserve_queue_depth                     gauge      {queue}: items waiting (e.g. outbox, batch queue)
+    vitaserve_component_ready_endpoints       gauge      {component}: ready Triton endpoints the router sees
+`start_metrics_server(metrics, "host:port")` serves them over HTTP (`/metrics`) for Prometheus.
+
+Traces: `setup_tracing(...)` builds a `TracerProvider` exporting over OTLP/gRPC when an endpoint is
+configured (`VITASERVE_OTLP_ENDPOINT`); without one tracing stays the OpenTelemetry no-op (off by default).
+`triton_headers()` is the W3C `traceparent` of the current span, for the `headers=` of tritonclient calls, so
+a Triton started with `--trace-config mode=opentelemetry` continues the same trace.
+
+This module only provides the instruments; the turn pipeline records into them (instrumentation of
+turn.py / conversation.py is separate work).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Seconds. Real-time voice: first token/audio within ~100 ms-2 s; whole turns up to a minute.
+LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+BARGE_IN_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
+TURN_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
+TRACER_NAME = "vitaserve.orchestrator"
+
+
+class Metrics:
+    """The orchestrator's Prometheus instruments (see the module docstring)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.time_to_first_token = Histogram(
+            "vitaserve_time_to_first_token_seconds", "Commit of a turn to its first LLM token.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_audio = Histogram(
+            "vitaserve_time_to_first_audio_seconds", "Commit of a turn to its first audio chunk.",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.barge_in_stop = Histogram(
+            "vitaserve_barge_in_stop_seconds",
+            "First interrupting audio frame to the last audio chunk of the cancelled response.",
+            buckets=BARGE_IN_BUCKETS, registry=r)
+        self.turn_duration = Histogram(
+            "vitaserve_turn_duration_seconds", "Commit of a turn to response_done or interrupted.",
+            buckets=TURN_BUCKETS, registry=r)
+        self.active_sessions = Gauge("vitaserve_active_sessions", "Converse streams open.", registry=r)
+        self.component_errors = Counter(
+            "vitaserve_component_errors_total", "Errors of component calls by gRPC code name.",
+            ["component", "code"], registry=r)
+        self.queue_depth = Gauge("vitaserve_queue_depth", "Items waiting in a queue.", ["queue"], registry=r)
+        self.ready_endpoints = Gauge(
+            "vitaserve_component_ready_endpoints", "Ready Triton endpoints of a component (routing).",
+            ["component"], registry=r)
+
+    def follow_router(self, router: Any) -> None:
+        """Report `router`'s ready endpoints per component at every scrape (a `vitaserve.cluster` Router)."""
+        for component in router.components:
+            self.ready_endpoints.labels(component).set_function(_counter(router, component))
+
+    def exposition(self) -> bytes:
+        """The text exposition format (what /metrics serves)."""
+        return generate_latest(self.registry)
+
+
+def _counter(router: Any, component: str) -> Callable[[], float]:
+    return lambda: float(len(router.endpoints(component)))
+
+
+def start_metrics_server(metrics: Metrics, address: str) -> tuple[Any, int]:
+    """Serve `metrics` on `host:port` (port 0 = a free one) in a daemon thread; returns (server, port).
+    Stop with `server.shutdown(); server.server_close()`."""
+    from prometheus_client import start_http_server
+
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"metrics address must be host:port, got {address!r}")
+    server, _thread = start_http_server(int(port), addr=host or "0.0.0.0", registry=metrics.registry)
+    return server, server.server_address[1]
+
+
+def setup_tracing(
+    *,
+    otlp_endpoint: str | None,
+    service_name: str = "vitaserve-orchestrator",
+    sample_ratio: float = 1.0,
+    insecure: bool = True,
+    exporter: SpanExporter | None = None,
+) -> TracerProvider | None:
+    """A TracerProvider exporting to `otlp_endpoint` (or to `exporter`, e.g. an in-memory one in tests);
+    None when neither is given: tracing stays off. The caller installs it (`trace.set_tracer_provider`)
+    or passes it to `tracer()`. Sampling follows the parent's decision, else `sample_ratio`."""
+    if exporter is None and not otlp_endpoint:
+        return None
+    if not 0.0 <= sample_ratio <= 1.0:
+        raise ValueError(f"sample_ratio must be in [0, 1], got {sample_ratio}")
+    provider = TracerProvider(resource=Resource.create({"service.name": service_name}),
+                              sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
+    if exporter is None:
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=insecure)
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    return provider
+
+
+def tracer(provider: TracerProvider | None = None) -> trace.Tracer:
+    """The orchestrator's tracer: from `provider`, else the global one (a no-op unless installed)."""
+    return (provider or trace.get_tracer_provider()).get_tracer(TRACER_NAME)
+
+
+def triton_headers() -> dict[str, str]:
+    """W3C trace context of the current span (`traceparent`, `tracestate`) for a Triton request's
+    headers; empty when no span is recording."""
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier
