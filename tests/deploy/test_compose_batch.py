@@ -1,0 +1,43 @@
+"""docker-compose.yml runs the batch worker and beat the way `vitaserve_batch` expects: the worker reaches
+each component's Triton service, both share the data volume, beat reads the schedules file."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vitaserve.components.base import COMPONENTS
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).parents[2]
+
+
+def _services() -> dict:
+    exe = shutil.which("docker-compose")
+    assert exe, "docker-compose is not installed (make test installs Debian's docker-compose)"
+    out = subprocess.run([exe, "config"], cwd=ROOT, check=True, timeout=60, capture_output=True, text=True)
+    return yaml.safe_load(out.stdout)["services"]
+
+
+def test_batch_worker_and_beat() -> None:
+    services = _services()
+    worker, beat = services["batch-worker"], services["batch-beat"]
+    env = worker["environment"]
+    for component in COMPONENTS:
+        host = env[f"VITASERVE_BATCH_{component.upper()}_URL"].split(":")[0]
+        assert f"--load-model={component}" in services[host]["command"]
+        assert host in worker["depends_on"]
+    assert worker["command"][0] == "worker" and "--pool=prefork" in worker["command"]
+    assert beat["command"][0] == "beat"
+    assert env["VITASERVE_BATCH_REDIS_URL"] == beat["environment"]["VITASERVE_BATCH_REDIS_URL"]
+    assert beat["environment"]["VITASERVE_BATCH_SCHEDULES_FILE"].startswith("/data/")
+    def data(svc: dict) -> list:
+        # docker-compose 1.29 prints "host:container:mode" strings; Compose v2 prints mappings.
+        return [v for v in svc["volumes"] if (v["target"] if isinstance(v, dict) else v.split(":")[1]) == "/data"]
+
+    assert data(worker) and data(worker) == data(beat)
