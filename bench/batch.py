@@ -33,7 +33,7 @@ from vitaserve.stack import MODEL_REPOSITORY, REPO_ROOT
 from vitaserve.triton.backend import ENV_CHECKPOINT_DIR
 from vitaserve.triton.launcher import TritonServer
 from vitaserve_batch.harness import CeleryWorker, RedisServer, batch_env, wait_for, write_manifest
-from vitaserve_batch.jobs import JobSpec, create_job
+from vitaserve_batch.spec import JobSpec, create_job
 from vitaserve_batch.results import read_results
 from vitaserve_batch.store import JobStore
 

@@ -45,7 +45,7 @@ def finished(store, job_id: str) -> bool:  # noqa: ANN001
 
 
 def test_mixed_manifest_completes_with_the_right_statuses(
-    triton, store, env_factory, processes, media, tmp_path, monkeypatch
+    triton, store, env_factory, processes, media, tmp_path, monkeypatch, capsys
 ) -> None:
     sq, wide = str(media["square"]), str(media["wide"])
     lines = [
@@ -111,6 +111,17 @@ def test_mixed_manifest_completes_with_the_right_statuses(
     job = store.job(job_id)
     assert job["status"] == "done" and int(job["total"]) == 20
     assert store.counts(job_id) == {"ok": 10, "error": 10}
+    # The CLI's view of it: the progress line, the JSON record, the listing.
+    watch = subprocess.run([sys.executable, "-m", "vitaserve.cli", "batch", "status", job_id, "--watch"], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert watch.returncode == 0, watch.stderr
+    assert f"{job_id} done [{'#' * 30}] 20/20 100% ok 10 error 10 cancelled 0" in watch.stdout
+    record = json.loads(subprocess.run([sys.executable, "-m", "vitaserve.cli", "batch", "status", job_id, "--json"],
+                                       env=env, capture_output=True, text=True, timeout=60).stdout)
+    assert record["counts"] == {"ok": 10, "error": 10} and record["job"]["concurrency"] == "3"
+    assert cli.main(["resume", job_id]) == 0  # nothing is unfinished: nothing is sent
+    assert "0 task(s) sent again" in capsys.readouterr().out
+    assert cli.main(["status", "no-such-job"]) == 1
 
 
 def test_worker_killed_mid_job_loses_nothing_and_duplicates_nothing(

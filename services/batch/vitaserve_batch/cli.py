@@ -80,15 +80,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "cancel":
             return _cancel(args, store)
         if args.command == "resume":
-            return _resume(args, store)
+            return _resume(args, settings, store)
     except (InvalidInput, ValueError) as exc:
         print(f"vitaserve batch {args.command}: {exc}", file=sys.stderr)
         return 2
     return 2
 
 
+def _sender(settings: Any) -> Any:
+    """A Celery app for sending tasks by name (the tasks and the model library are not imported)."""
+    from vitaserve_batch.app import create_app
+
+    return create_app(settings.model_copy(update={"schedules_file": None}))
+
+
 def _submit(args: argparse.Namespace, settings: Any, store: JobStore) -> int:
-    from vitaserve_batch.jobs import JobSpec, create_job
+    from vitaserve_batch.spec import START_TASK, JobSpec, create_job
 
     if args.manifest is not None and not args.manifest.is_file():
         raise InvalidInput(f"manifest {args.manifest} does not exist")
@@ -106,10 +113,8 @@ def _submit(args: argparse.Namespace, settings: Any, store: JobStore) -> int:
         print(f"job {job_id} exists already; not submitted again (status: vitaserve batch status {job_id})",
               file=sys.stderr)
         return 1
-    # Sending imports the tasks (the Celery app) only here: status/cancel need no broker.
-    from vitaserve_batch.tasks import start_job
-
-    start_job.apply_async(args=(job_id, spec.to_dict()), task_id=job_id, queue=settings.queue)
+    # The task id is the job id: a redelivered start is recognised as the same job.
+    _sender(settings).send_task(START_TASK, args=(job_id, spec.to_dict()), task_id=job_id, queue=settings.queue)
     print(job_id)
     if args.watch:
         return _watch(store, job_id, interval=1.0, stream=sys.stderr)
@@ -181,9 +186,14 @@ def _cancel(args: argparse.Namespace, store: JobStore) -> int:
     return 0
 
 
-def _resume(args: argparse.Namespace, store: JobStore) -> int:
+def _resume(args: argparse.Namespace, settings: Any, store: JobStore) -> int:
     from vitaserve_batch.jobs import resume_job
-    from vitaserve_batch.tasks import send_item
+    from vitaserve_batch.spec import ITEM_TASK
+
+    sender = _sender(settings)
+
+    def send_item(job_id: str, index: int) -> None:
+        sender.send_task(ITEM_TASK, args=(job_id, index), queue=settings.queue)
 
     job = store.job(args.job)
     if job is None:

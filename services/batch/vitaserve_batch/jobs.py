@@ -29,7 +29,6 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +38,10 @@ from vitaserve_batch.manifest import Entry, Item, LineError, folder_manifest, re
 from vitaserve_batch.media import load_media
 from vitaserve_batch.pipeline import PipelineConfig, answer_item
 from vitaserve_batch.runtime import WorkerRuntime
+from vitaserve_batch.spec import JOB_OPTIONS, JobSpec, create_job  # noqa: F401 - re-exported
 from vitaserve_batch.store import FINAL_STATUSES, JobStore
 
 log = logging.getLogger(__name__)
-
-JOB_OPTIONS = ("want_audio", "max_tokens", "temperature", "seed", "max_tiles", "system_prompt")
-
 
 class RetryLater(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Run this item's task again after `countdown_s`; `retries` is the new count of retryable failures."""
@@ -56,44 +53,7 @@ class RetryLater(Exception):  # noqa: N818 - a control-flow signal, not an error
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    """What to run: a manifest or a folder of images (with one prompt), the output folder and defaults."""
-
-    out_dir: str
-    manifest: str | None = None
-    folder: str | None = None
-    prompt: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
-    concurrency: int | None = None
-    source: str = "cli"
-
-    def __post_init__(self) -> None:
-        if (self.manifest is None) == (self.folder is None):
-            raise InvalidInput("a job needs exactly one of manifest or folder")
-        if self.folder is not None and not (self.prompt or "").strip():
-            raise InvalidInput("a folder job needs a prompt")
-        unknown = sorted(set(self.options) - set(JOB_OPTIONS))
-        if unknown:
-            raise InvalidInput(f"unknown job option(s) {unknown}; known: {', '.join(JOB_OPTIONS)}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"out_dir": self.out_dir, "manifest": self.manifest, "folder": self.folder,
-                "prompt": self.prompt, "options": dict(self.options), "concurrency": self.concurrency,
-                "source": self.source}
-
-
 Send = Callable[[str, int], None]  # send the task of item `index` of job `job_id`
-
-
-def create_job(store: JobStore, job_id: str, spec: JobSpec, *, default_concurrency: int,
-               max_concurrency: int) -> bool:
-    """Record a submitted job (status `queued`); False if a job with this id exists (kept as it is)."""
-    concurrency = min(max(1, spec.concurrency or default_concurrency), max_concurrency)
-    return store.create_job(job_id, {
-        "out_dir": str(Path(spec.out_dir).resolve()), "manifest": spec.manifest or "", "folder": spec.folder or "",
-        "spec": spec.to_dict(), "concurrency": concurrency, "source": spec.source,
-    })
 
 
 def start_job(runtime: WorkerRuntime, job_id: str, spec: JobSpec, send: Send) -> dict[str, Any]:
@@ -238,20 +198,26 @@ def _run_item(runtime: WorkerRuntime, job: dict[str, Any], out_dir: Path, row: d
 
 
 def finish_if_complete(runtime: WorkerRuntime, job_id: str) -> bool:
-    """Rewrite results.jsonl (atomically, under the job's lock); when every item has a result, complete
-    the WAV renames, remove stray temporaries and mark the job done or cancelled. True if complete."""
+    """Rewrite results.jsonl (atomically, under the job's lock) at most every `results_flush_s` while the
+    job runs, and always once every item has a result; then complete the WAV renames, remove stray
+    temporaries and mark the job done or cancelled. True if the job is complete."""
     store = runtime.store
     job = store.job(job_id)
     if job is None or job.get("total") is None:
         return False
     total = int(job["total"])
+    complete = store.done_count(job_id) >= total
+    if complete and job.get("status") in FINAL_STATUSES:
+        return True
+    # Rewriting reads every result: throttled, so a long job costs O(items) per flush, not per item.
+    if not complete and not store.take_flush_slot(job_id, runtime.settings.results_flush_s):
+        return False
     out_dir = Path(job["out_dir"])
     with store.lock(job_id):
         finished = store.results(job_id)
-        order = [row["id"] for row in store.items(job_id)]
-        out.write_results(out_dir, order, finished)
+        out.write_results(out_dir, store.item_ids(job_id), finished)
         complete = len(finished) >= total
-        if complete and job.get("status") not in FINAL_STATUSES:
+        if complete and (store.job(job_id) or {}).get("status") not in FINAL_STATUSES:
             for result in finished.values():
                 out.commit_audio(out_dir, result)
             out.remove_stale_temporaries(out_dir)

@@ -30,7 +30,7 @@ from typing import Any
 from celery.schedules import crontab, schedule
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from vitaserve_batch.jobs import JOB_OPTIONS, JobSpec
+from vitaserve_batch.spec import JOB_OPTIONS, JobSpec
 from vitaserve_batch.manifest import ID_PATTERN, ItemOptions
 
 SCHEDULED_TASK = "vitaserve_batch.scheduled_job"

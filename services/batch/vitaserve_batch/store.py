@@ -12,6 +12,7 @@ Keys (prefix `vitaserve:batch:`; all of a job's keys expire `job_ttl_s` after it
 | `job:<job>:claim:<item>` | string | the token of the attempt running the item, with a lease (`item_lease_s`) |
 | `job:<job>:sent` | set | item indexes whose task was sent by its lane predecessor (stops duplicate chains) |
 | `job:<job>:lock` | lock | serialises the rewrites of results.jsonl |
+| `job:<job>:flush` | string | set for `results_flush_s` after a rewrite of results.jsonl while the job runs |
 
 Exactly-once rests on two scripts: `record` writes a result only if none exists (HSETNX) and only if no
 other attempt holds a live claim on the item (a fencing token), and counts it in the same step; `claim`
@@ -131,6 +132,14 @@ class JobStore:
     def items(self, job_id: str) -> list[dict[str, Any]]:
         return [json.loads(raw) for raw in self.r.lrange(self.key(job_id, "items"), 0, -1)]
 
+    def item_ids(self, job_id: str) -> list[str]:
+        """Item ids in manifest order (read in pages: a manifest may hold 100 000 items)."""
+        ids: list[str] = []
+        key, page = self.key(job_id, "items"), 1000
+        for start in range(0, int(self.r.llen(key)), page):
+            ids += [json.loads(raw)["id"] for raw in self.r.lrange(key, start, start + page - 1)]
+        return ids
+
     # ---- claims and results ---------------------------------------------------------------------------
 
     def claim(self, job_id: str, item_id: str, token: str, lease_s: float) -> bool:
@@ -181,6 +190,10 @@ class JobStore:
 
     def cancelled(self, job_id: str) -> bool:
         return self.r.hget(self.key(job_id), "cancelled") == "1"
+
+    def take_flush_slot(self, job_id: str, interval_s: float) -> bool:
+        """True for the first caller in each `interval_s` window (who then rewrites results.jsonl)."""
+        return bool(self.r.set(self.key(job_id, "flush"), 1, nx=True, px=max(1, int(interval_s * 1000))))
 
     def lock(self, job_id: str, timeout_s: float = 60.0) -> Any:
         return self.r.lock(self.key(job_id, "lock"), timeout=timeout_s, blocking_timeout=timeout_s)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vitaserve_batch import jobs, runtime
+from vitaserve_batch.spec import ITEM_TASK, START_TASK
 from vitaserve_batch.app import app, settings
 
 log = logging.getLogger(__name__)
@@ -24,13 +25,14 @@ def send_item(job_id: str, index: int) -> None:
     run_item.apply_async(args=(job_id, index), queue=settings.queue)
 
 
-@app.task(name="vitaserve_batch.start_job", **_TASK)
+@app.task(name=START_TASK, **_TASK)
 def start_job(self: Any, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
     job = jobs.start_job(runtime.get(settings), job_id, jobs.JobSpec(**spec), send_item)
     return {"job_id": job_id, "status": job.get("status"), "total": job.get("total")}
 
 
-@app.task(name="vitaserve_batch.run_item", **_TASK)
+# The outcome of an item lives in the job store; Celery's result backend would only duplicate it.
+@app.task(name=ITEM_TASK, ignore_result=True, **_TASK)
 def run_item(self: Any, job_id: str, index: int, retries: int = 0) -> str:
     try:
         return jobs.run_item(runtime.get(settings), job_id, index, send_item, retries=retries,
