@@ -102,7 +102,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--items", type=int, default=200)
-    parser.add_argument("--audio-every", type=int, default=10, help="every Nth item asks for speech (0: none)")
+    parser.add_argument("--audio-every", type=int, default=10,
+                        help="every Nth item asks for speech (0: none)")
     parser.add_argument("--max-tokens", type=int, default=16)
     args = parser.parse_args()
 

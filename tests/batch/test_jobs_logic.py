@@ -107,8 +107,8 @@ def test_a_job_whose_manifest_cannot_be_read_fails(rt: WorkerRuntime, tmp_path: 
                     sent)
     assert job["status"] == "failed" and "No such file" in job["error"] and sent.log == []
     job_id = new_id()
-    job = start_job(rt, job_id, JobSpec(out_dir=str(tmp_path / "o2"), folder=str(tmp_path / "none"), prompt="p"),
-                    sent)
+    spec = JobSpec(out_dir=str(tmp_path / "o2"), folder=str(tmp_path / "none"), prompt="p")
+    job = start_job(rt, job_id, spec, sent)
     assert job["status"] == "failed" and "does not exist" in job["error"]
 
 

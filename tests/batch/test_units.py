@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +90,8 @@ def test_folder_manifest_lists_images_sorted_with_safe_ids(tmp_path: Path) -> No
     for name in ("b.PNG", "a photo.jpg", "notes.txt", ".hidden.png"):
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "sub").mkdir()
-    rows = [json.loads(line) for line in folder_manifest(tmp_path, prompt="Describe.", options={"max_tokens": 5})]
+    lines = folder_manifest(tmp_path, prompt="Describe.", options={"max_tokens": 5})
+    rows = [json.loads(line) for line in lines]
     assert [r["id"] for r in rows] == ["hidden.png", "a_photo.jpg", "b.PNG"]
     assert all(r["prompt"] == "Describe." and r["max_tokens"] == 5 for r in rows)
     assert rows[1]["images"] == [str(tmp_path / "a photo.jpg")]
@@ -218,8 +219,8 @@ enabled = false
     assert spec["options"] == {"want_audio": True} and spec["source"] == "schedule:nightly"
     assert beat["inbox"]["schedule"].run_every.total_seconds() == 10
     assert beat["inbox"]["options"] == {"queue": "q"}
-    now = datetime(2026, 12, 4, 12, 0, tzinfo=timezone.utc)  # a Friday
-    assert next_run(entries[0], now) == datetime(2026, 12, 7, 2, 30, tzinfo=timezone.utc)  # Monday 02:30
+    now = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)  # a Friday
+    assert next_run(entries[0], now) == datetime(2026, 12, 7, 2, 30, tzinfo=UTC)  # Monday 02:30
 
 
 @pytest.mark.parametrize(("body", "message"), [
@@ -230,8 +231,8 @@ enabled = false
     ('[[job]]\nname = "a"\nevery_s = 5\nmanifest = "/m"\nout = "/o"\nretries = 3', "retries"),
     ('[[job]]\nname = "a"\nevery_s = 5\nmanifest = "/m"\nout = "/o"\n[job.options]\nwant_audoi = true',
      "want_audoi"),
-    ('[[job]]\nname = "a"\nevery_s = 5\nmanifest = "/m"\nout = "/o"\n'
-     '[[job]]\nname = "a"\nevery_s = 5\nmanifest = "/m"\nout = "/o"', "duplicate job name"),
+    (('[[job]]\nname = "a"\nevery_s = 5\nmanifest = "/m"\nout = "/o"\n'
+     '[[job]]\nname = "a"\nevery_s = 5\nmanifest = "/m"\nout = "/o"'), "duplicate job name"),
     ('[jobs]\nx = 1', "unknown top-level key"),
     ("name = ", "bad TOML"),
 ])

@@ -38,6 +38,7 @@ def test_batch_worker_and_beat() -> None:
     assert beat["environment"]["VITASERVE_BATCH_SCHEDULES_FILE"].startswith("/data/")
     def data(svc: dict) -> list:
         # docker-compose 1.29 prints "host:container:mode" strings; Compose v2 prints mappings.
-        return [v for v in svc["volumes"] if (v["target"] if isinstance(v, dict) else v.split(":")[1]) == "/data"]
+        targets = [(v["target"] if isinstance(v, dict) else v.split(":")[1], v) for v in svc["volumes"]]
+        return [v for target, v in targets if target == "/data"]
 
     assert data(worker) and data(worker) == data(beat)

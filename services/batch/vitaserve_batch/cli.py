@@ -20,7 +20,7 @@ import sys
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import datetime, timezone
+from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("job")
 
     schedules = sub.add_parser("schedules", help="list the beat schedule entries")
-    schedules.add_argument("--file", type=Path, help="schedules TOML (default: VITASERVE_BATCH_SCHEDULES_FILE)")
+    schedules.add_argument("--file", type=Path,
+                           help="schedules TOML (default: VITASERVE_BATCH_SCHEDULES_FILE)")
     return parser
 
 
@@ -103,7 +104,8 @@ def _submit(args: argparse.Namespace, settings: Any, store: JobStore) -> int:
         raise InvalidInput(f"folder {args.folder} does not exist")
     options = {k: v for k, v in {"want_audio": True if args.want_audio else None,
                                  "max_tokens": args.max_tokens}.items() if v is not None}
-    spec = JobSpec(out_dir=str(args.out.resolve()), manifest=str(args.manifest.resolve()) if args.manifest else None,
+    spec = JobSpec(out_dir=str(args.out.resolve()),
+                   manifest=str(args.manifest.resolve()) if args.manifest else None,
                    folder=str(args.folder.resolve()) if args.folder else None, prompt=args.prompt,
                    options=options, concurrency=args.concurrency, source="cli")
     job_id = args.job_id or f"job-{uuid.uuid4().hex[:12]}"
@@ -114,7 +116,8 @@ def _submit(args: argparse.Namespace, settings: Any, store: JobStore) -> int:
               file=sys.stderr)
         return 1
     # The task id is the job id: a redelivered start is recognised as the same job.
-    _sender(settings).send_task(START_TASK, args=(job_id, spec.to_dict()), task_id=job_id, queue=settings.queue)
+    _sender(settings).send_task(START_TASK, args=(job_id, spec.to_dict()), task_id=job_id,
+                                queue=settings.queue)
     print(job_id)
     if args.watch:
         return _watch(store, job_id, interval=1.0, stream=sys.stderr)
@@ -161,7 +164,7 @@ def progress_line(job: dict[str, Any], counts: dict[str, int], *, now: float | N
     total = int(job.get("total") or 0)
     done = sum(counts.values())
     frac = done / total if total else (1.0 if job.get("status") in FINAL_STATUSES else 0.0)
-    fill = int(round(frac * BAR_WIDTH))
+    fill = round(frac * BAR_WIDTH)
     bar = "#" * fill + "." * (BAR_WIDTH - fill)
     parts = [f"{job.get('id', '?')} {job.get('status', '?')} [{bar}] {done}/{total or '?'} {frac:4.0%}",
              " ".join(f"{k} {counts.get(k, 0)}" for k in ("ok", "error", "cancelled"))]
@@ -216,7 +219,7 @@ def _schedules(args: argparse.Namespace) -> int:
         print("vitaserve batch schedules: no schedules file (--file or VITASERVE_BATCH_SCHEDULES_FILE)",
               file=sys.stderr)
         return 2
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     for entry in load_schedules(path):
         when = entry.cron and f"cron '{entry.cron}'" or f"every {entry.every_s:g} s"
         source = f"folder {entry.folder}" if entry.folder else f"manifest {entry.manifest}"
@@ -233,7 +236,7 @@ def _float(value: Any) -> float | None:
 
 
 def _duration(seconds: float) -> str:
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

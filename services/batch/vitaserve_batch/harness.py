@@ -91,7 +91,8 @@ class _Process:
     def __enter__(self) -> Any:
         return self.start()
 
-    def __exit__(self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(self, et: type[BaseException] | None, e: BaseException | None,
+                 tb: TracebackType | None) -> None:
         self.stop()
 
 
@@ -135,7 +136,8 @@ class RedisServer(_Process):
             time.sleep(0.05)
 
 
-def batch_env(redis_url: str, triton_url: str | None, *, queue: str | None = None, **settings: Any) -> dict[str, str]:
+def batch_env(redis_url: str, triton_url: str | None, *, queue: str | None = None,
+              **settings: Any) -> dict[str, str]:
     """The environment of a batch worker/beat/CLI: this process's environment, no inherited
     VITASERVE_BATCH_* variables, and the given settings as VITASERVE_BATCH_<NAME>."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("VITASERVE_BATCH_")}
@@ -188,8 +190,9 @@ def write_manifest(path: Path, lines: list[Any]) -> Path:
     return path
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, *, on_timeout: Callable[[], str] = str,
-             interval_s: float = 0.2) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, *,
+             on_timeout: Callable[[], str] = str, interval_s: float = 0.2) -> Any:
+    """Poll `predicate` until it returns something truthy (returned); AssertionError after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()

@@ -109,7 +109,7 @@ def resume_job(store: JobStore, job_id: str, send: Send) -> int:
 def run_item(runtime: WorkerRuntime, job_id: str, index: int, send: Send, *, retries: int = 0,
              attempt_id: str = "") -> str:
     """Run item `index` of a job at most once (see the module docstring); returns what happened."""
-    settings, store = runtime.settings, runtime.store
+    store = runtime.store
     job = store.job(job_id)
     if job is None or job.get("total") is None:
         log.warning("job %s: item %d: the job is unknown or expired; nothing to do", job_id, index)
@@ -147,7 +147,8 @@ def _run_item(runtime: WorkerRuntime, job: dict[str, Any], out_dir: Path, row: d
         store.record(job_id, item_id, {**base, "status": "error", "error_code": "INVALID_ARGUMENT",
                                        "error": row["error"]})
         return "bad-line"
-    token = f"{socket.gethostname()}-{os.getpid()}-{attempt_id or uuid.uuid4().hex[:8]}-{uuid.uuid4().hex[:6]}"
+    # Unique per attempt (a redelivered message has the same task id): host, process, task, random.
+    token = f"{socket.gethostname()}-{os.getpid()}-{attempt_id}-{uuid.uuid4().hex[:8]}"
     if not store.claim(job_id, item_id, token, settings.item_lease_s):
         wait = store.claim_ttl_s(job_id, item_id) + 0.5
         raise RetryLater(min(wait, settings.item_lease_s + 1.0), retries, "claimed by another attempt")
@@ -159,8 +160,8 @@ def _run_item(runtime: WorkerRuntime, job: dict[str, Any], out_dir: Path, row: d
         config = _pipeline_config(settings, job, item)
         started = time.monotonic()
         try:
-            media = load_media(item, max_image_bytes=settings.max_image_bytes, max_audio_s=settings.max_audio_s,
-                               max_video_frames=settings.max_video_frames)
+            media = load_media(item, max_image_bytes=settings.max_image_bytes,
+                               max_audio_s=settings.max_audio_s, max_video_frames=settings.max_video_frames)
             answer = runtime.run(answer_item(runtime.components, media, item.prompt, config,
                                              request_id=f"{job_id}/{item_id}"))
         except VitaserveError as exc:
@@ -175,8 +176,8 @@ def _run_item(runtime: WorkerRuntime, job: dict[str, Any], out_dir: Path, row: d
                       "retries": retries}
         except Exception as exc:  # noqa: BLE001 - one item's failure never stops the job
             log.exception("job %s: item %s failed", job_id, item_id)
-            result = {**base, "status": "error", "error_code": "INTERNAL", "error": f"{type(exc).__name__}: {exc}",
-                      "retries": retries}
+            result = {**base, "status": "error", "error_code": "INTERNAL",
+                      "error": f"{type(exc).__name__}: {exc}", "retries": retries}
         else:
             audio_ms = round(answer.pcm.size * 1000.0 / answer.sample_rate, 1) if answer.pcm.size else 0.0
             if answer.pcm.size:

@@ -44,8 +44,10 @@ def load_media(item: Item, *, max_image_bytes: int, max_audio_s: float, max_vide
         except InvalidInput as exc:
             raise InvalidInput(f"images[{k}] {path}: {exc.message}") from None
         images.append(ImageInput(data=data, max_tiles=max_tiles))
-    frames = tuple(ImageInput(data=f, max_tiles=1) for f in _video_frames(item.video, max_image_bytes,
-                                                                          max_video_frames)) if item.video else ()
+    frames: tuple[ImageInput, ...] = ()
+    if item.video:
+        frames = tuple(ImageInput(data=f, max_tiles=1)
+                       for f in _video_frames(item.video, max_image_bytes, max_video_frames))
     audio = None
     if item.audio:
         data = _read(item.audio, "audio", 64 * 1024 * 1024)

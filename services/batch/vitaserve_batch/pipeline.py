@@ -170,7 +170,8 @@ async def _speak(components: ComponentClient, text: str, seed: int | None, reque
             if pcm.size == 0:
                 continue
             if chunk.sample_rate != rate:
-                raise VitaserveError(f"speech_synth returned sample rate {chunk.sample_rate}, expected {rate}")
+                raise VitaserveError(f"speech_synth returned sample rate {chunk.sample_rate}, "
+                                     f"expected {rate}")
             pieces.append(pcm)
     return (np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)), rate
 

@@ -23,7 +23,7 @@ message id, so a redelivered firing resumes the same job instead of starting a s
 from __future__ import annotations
 
 import tomllib
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta, UTC
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,9 @@ class ScheduleEntry(BaseModel):
                        options=options, concurrency=self.concurrency, source=f"schedule:{self.name}")
 
     def celery_schedule(self) -> schedule:
-        return cron_schedule(self.cron) if self.cron is not None else schedule(timedelta(seconds=self.every_s))
+        if self.cron is not None:
+            return cron_schedule(self.cron)
+        return schedule(timedelta(seconds=self.every_s or 0))
 
 
 class ScheduleError(ValueError):
@@ -121,8 +123,8 @@ def load_schedules(path: Path) -> list[ScheduleEntry]:
 def beat_schedule(entries: list[ScheduleEntry], *, queue: str) -> dict[str, dict[str, Any]]:
     """`app.conf.beat_schedule` for the enabled entries."""
     return {
-        e.name: {"task": SCHEDULED_TASK, "schedule": e.celery_schedule(), "args": (e.name, e.spec().to_dict()),
-                 "options": {"queue": queue}}
+        e.name: {"task": SCHEDULED_TASK, "schedule": e.celery_schedule(),
+                 "args": (e.name, e.spec().to_dict()), "options": {"queue": queue}}
         for e in entries if e.enabled
     }
 
@@ -130,7 +132,7 @@ def beat_schedule(entries: list[ScheduleEntry], *, queue: str) -> dict[str, dict
 def next_run(entry: ScheduleEntry, now: datetime | None = None) -> datetime:
     """When the entry fires next after `now` (UTC); for intervals: one interval after now (beat counts
     from its own last run)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     if entry.every_s is not None:
         return now + timedelta(seconds=entry.every_s)
     cron = cron_schedule(entry.cron or "")

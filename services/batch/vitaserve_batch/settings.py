@@ -40,7 +40,8 @@ def _url_field(component: str | None) -> object:
 class BatchSettings(BaseSettings):
     """Everything a batch worker, beat or the batch CLI needs to know."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True, populate_by_name=True)
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True,
+                                      populate_by_name=True)
 
     # --- Redis: broker, result backend, job state -----------------------------------------------------
     redis_url: str = Field(
@@ -122,9 +123,8 @@ class BatchSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> BatchSettings:
-        if self.backend == "inprocess":
-            if self.checkpoint_dir is None:
-                raise ValueError(f"backend=inprocess needs {ENV_PREFIX}CHECKPOINT_DIR")
+        if self.backend == "inprocess" and self.checkpoint_dir is None:
+            raise ValueError(f"backend=inprocess needs {ENV_PREFIX}CHECKPOINT_DIR")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must be <= max_tokens_limit")
         if self.job_concurrency > self.max_job_concurrency:

@@ -48,7 +48,8 @@ def create_job(store: JobStore, job_id: str, spec: JobSpec, *, default_concurren
     """Record a submitted job (status `queued`); False if a job with this id exists (kept as it is)."""
     concurrency = min(max(1, spec.concurrency or default_concurrency), max_concurrency)
     return store.create_job(job_id, {
-        "out_dir": str(Path(spec.out_dir).resolve()), "manifest": spec.manifest or "", "folder": spec.folder or "",
+        "out_dir": str(Path(spec.out_dir).resolve()), "manifest": spec.manifest or "",
+        "folder": spec.folder or "",
         "spec": spec.to_dict(), "concurrency": concurrency, "source": spec.source,
     })
 

@@ -5,11 +5,11 @@ Keys (prefix `vitaserve:batch:`; all of a job's keys expire `job_ttl_s` after it
 | key | type | what |
 | --- | --- | --- |
 | `jobs` | sorted set | job ids by creation time (for `vitaserve batch status`) |
-| `job:<job>` | hash | the job record: status, manifest, out_dir, total, concurrency, options, times, cancelled |
-| `job:<job>:items` | list | the parsed manifest, one JSON per item, in manifest order (tasks address items by index) |
-| `job:<job>:results` | hash | item id -> result JSON: **the idempotency record** (job id + item id), written once |
-| `job:<job>:counts` | hash | status -> number of results (incremented only by the write that created the result) |
-| `job:<job>:claim:<item>` | string | the token of the attempt running the item, with a lease (`item_lease_s`) |
+| `job:<job>` | hash | the job record: status, manifest, out_dir, total, concurrency, options, times |
+| `job:<job>:items` | list | the parsed manifest, one JSON per item, in order (tasks address items by index) |
+| `job:<job>:results` | hash | item id -> result JSON: **the idempotency record** (job + item), written once |
+| `job:<job>:counts` | hash | status -> number of results (counted by the write that created the result) |
+| `job:<job>:claim:<item>` | string | the token of the attempt running the item, leased (`item_lease_s`) |
 | `job:<job>:sent` | set | item indexes whose task was sent by its lane predecessor (stops duplicate chains) |
 | `job:<job>:lock` | lock | serialises the rewrites of results.jsonl |
 | `job:<job>:flush` | string | set for `results_flush_s` after a rewrite of results.jsonl while the job runs |
