@@ -13,6 +13,8 @@ Celery worker processes, jobs submitted through the CLI.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -125,9 +127,13 @@ def test_mixed_manifest_completes_with_the_right_statuses(
     assert cli.main(["status", "no-such-job"]) == 1
 
 
+@pytest.mark.parametrize("victim", ["worker", "pool-process"])
 def test_worker_killed_mid_job_loses_nothing_and_duplicates_nothing(
-    triton, store, env_factory, processes, media, tmp_path, monkeypatch, redis_server
+    victim, triton, store, env_factory, processes, media, tmp_path, monkeypatch
 ) -> None:
+    """worker: SIGKILL to the worker and its pool (node loss): its messages come back after the visibility
+    timeout, to a new worker. pool-process: SIGKILL to the pool process running an item: the worker
+    rejects the message back to the queue at once (task_reject_on_worker_lost) and forks a new process."""
     sq = str(media["square"])
     n = 16
     lines = [{"id": f"item-{k:02d}", "images": [sq], "prompt": f"Question {k}?", "max_tokens": 6,
@@ -138,15 +144,22 @@ def test_worker_killed_mid_job_loses_nothing_and_duplicates_nothing(
     first = processes("worker", env, concurrency=1)
     job_id = submit(env, monkeypatch, "--manifest", str(manifest), "--out", str(out), "--concurrency", "2")
     wait_for(lambda: store.done_count(job_id) >= 3, 120, "3 finished items", on_timeout=first.log_tail)
-    first.kill()  # SIGKILL to the worker and its pool process, mid-job
-    assert not first.running()
-    done_at_kill = store.done_count(job_id)
-    assert done_at_kill < n, "the job finished before the kill; the test needs more items"
-    # The dead worker's in-flight messages are still unacknowledged in the broker.
-    assert store.r.hlen("unacked") >= 1
-    second = processes("worker", env, concurrency=1)
-    wait_for(lambda: finished(store, job_id), 240, "the job to finish after the restart",
-             on_timeout=second.log_tail)
+    if victim == "worker":
+        first.kill()  # SIGKILL to the worker and its pool process, mid-job
+        assert not first.running()
+        assert store.done_count(job_id) < n, "the job finished before the kill; the test needs more items"
+        # The dead worker's in-flight messages are still unacknowledged in the broker.
+        assert store.r.hlen("unacked") >= 1
+        survivor = processes("worker", env, concurrency=1)
+    else:
+        [pool] = first.pool_pids()
+        os.kill(pool, signal.SIGKILL)
+        assert store.done_count(job_id) < n, "the job finished before the kill; the test needs more items"
+        survivor = first
+        wait_for(lambda: "WorkerLostError" in first.log_tail(400), 60, "the worker to notice",
+                 on_timeout=first.log_tail)
+    wait_for(lambda: finished(store, job_id), 240, "the job to finish after the kill",
+             on_timeout=survivor.log_tail)
 
     rows = read_results(out)
     ids = [r["id"] for r in rows]

@@ -9,8 +9,9 @@ Configuration comes from `BatchSettings` (environment variables, see `settings.p
   Redis and another worker delivers them again once `visibility_timeout_s` has passed (checked every
   `redelivery_check_s`). Redelivery may run an item twice; `jobs.run_item` makes that harmless.
 - beat reads its entries from `schedules_file` (TOML, see `schedules.py`) when one is configured.
-- Each worker process starts its event loop and clients at `worker_process_init` (prefork children) or
-  `worker_init` (solo pool) and closes them at shutdown (`runtime.py`).
+- Each prefork child starts its event loop and clients at `worker_process_init` and closes them at
+  `worker_process_shutdown`; the solo pool creates them at its first task and closes them at
+  `worker_shutdown` (`runtime.py`). Nothing is created in a prefork parent, so no child inherits sockets.
 """
 
 from __future__ import annotations
@@ -73,5 +74,5 @@ def _stop_runtime(**_: Any) -> None:
 
 signals.worker_process_init.connect(_start_runtime, weak=False)
 signals.worker_process_shutdown.connect(_stop_runtime, weak=False)
-signals.worker_init.connect(_start_runtime, weak=False)
+# Solo pool: the runtime is made by the first task (runtime.get); stop() only closes this process's own.
 signals.worker_shutdown.connect(_stop_runtime, weak=False)

@@ -162,6 +162,18 @@ class CeleryWorker(_Process):
                "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat"]
         super().__init__(cmd, env, log_path)
 
+    def pool_pids(self) -> list[int]:
+        """PIDs of the worker's prefork pool processes (its children), read from /proc."""
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == self.pid:  # fields after the command: state, ppid, ...
+                children.append(int(stat.parent.name))
+        return sorted(children)
+
     def wait_ready(self, timeout_s: float = 60.0) -> CeleryWorker:
         """Wait for the worker's 'ready' log line."""
         deadline = time.monotonic() + timeout_s

@@ -5,20 +5,42 @@
 - `vitaserve_batch.scheduled_job(name, spec)`: a beat firing; the job id comes from the message id.
 
 All are `acks_late` and rejected on worker loss (app defaults, repeated here for the reader).
+
+Errors of the infrastructure itself (Redis unreachable, the output folder not writable) are retried with
+exponential backoff, `INFRA_RETRIES` times: a task that failed for good would be acknowledged and its lane
+would stop. If they persist, the job stays `running` and `vitaserve batch resume JOB` continues it once
+the cause is fixed. Errors of an item (bad input, a component down) never get here: `jobs.run_item`
+records them as the item's result.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from vitaserve_batch import jobs, runtime
-from vitaserve_batch.spec import ITEM_TASK, START_TASK
 from vitaserve_batch.app import app, settings
+from vitaserve_batch.schedules import SCHEDULED_TASK
+from vitaserve_batch.spec import ITEM_TASK, START_TASK
 
 log = logging.getLogger(__name__)
 _TASK = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None}
+INFRA_RETRIES = 12
+_INFRA_ERRORS = (redis.RedisError, OSError)
+
+
+def _infra_retry(task: Any, exc: BaseException, **retry: Any) -> Exception:
+    attempt = task.request.retries
+    if attempt >= INFRA_RETRIES:
+        log.error("%s %s: giving up after %d retries: %r", task.name, task.request.id, attempt, exc)
+        raise exc
+    delay = min(settings.retry_backoff_max_s, settings.retry_backoff_s * 2**min(attempt, 16))
+    log.warning("%s %s: %r; retry in %.1f s", task.name, task.request.id, exc, delay)
+    return task.retry(exc=exc, countdown=delay * random.uniform(0.8, 1.2), max_retries=None, **retry)
 
 
 def send_item(job_id: str, index: int) -> None:
@@ -27,7 +49,10 @@ def send_item(job_id: str, index: int) -> None:
 
 @app.task(name=START_TASK, **_TASK)
 def start_job(self: Any, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
-    job = jobs.start_job(runtime.get(settings), job_id, jobs.JobSpec(**spec), send_item)
+    try:
+        job = jobs.start_job(runtime.get(settings), job_id, jobs.JobSpec(**spec), send_item)
+    except _INFRA_ERRORS as exc:
+        raise _infra_retry(self, exc) from None
     return {"job_id": job_id, "status": job.get("status"), "total": job.get("total")}
 
 
@@ -40,13 +65,18 @@ def run_item(self: Any, job_id: str, index: int, retries: int = 0) -> str:
     except jobs.RetryLater as later:
         raise self.retry(args=(job_id, index), kwargs={"retries": later.retries},
                          countdown=later.countdown_s, max_retries=None) from None
+    except _INFRA_ERRORS as exc:
+        raise _infra_retry(self, exc, args=(job_id, index), kwargs={"retries": retries}) from None
 
 
-@app.task(name="vitaserve_batch.scheduled_job", **_TASK)
+@app.task(name=SCHEDULED_TASK, **_TASK)
 def scheduled_job(self: Any, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     rid = (self.request.id or "").replace("-", "")
     job_id = f"{name}-{rid[:12]}"
     spec = {**spec, "out_dir": str(Path(spec["out_dir"]) / job_id)}
-    job = jobs.start_job(runtime.get(settings), job_id, jobs.JobSpec(**spec), send_item)
+    try:
+        job = jobs.start_job(runtime.get(settings), job_id, jobs.JobSpec(**spec), send_item)
+    except _INFRA_ERRORS as exc:
+        raise _infra_retry(self, exc) from None
     log.info("schedule %s fired: job %s (%s items)", name, job_id, job.get("total"))
     return {"job_id": job_id, "status": job.get("status"), "total": job.get("total")}
