@@ -14,7 +14,9 @@ import pytest
 import soundfile
 
 from vitaserve_batch import results as out
+from vitaserve_batch.cli import main as cli_main
 from vitaserve_batch.cli import progress_line
+from vitaserve_batch.harness import free_port
 from vitaserve_batch.manifest import Item, LineError, folder_manifest, parse_manifest
 from vitaserve_batch.schedules import ScheduleError, beat_schedule, load_schedules, next_run
 from vitaserve_batch.settings import BatchSettings
@@ -275,3 +277,17 @@ def test_progress_line() -> None:
     assert "eta" not in progress_line({**job, "status": "done", "finished_at": "1120"}, {"ok": 20})
     assert "error: no such file" in progress_line({"id": "j", "status": "failed", "total": "0",
                                                    "error": "no such file"}, {})
+
+
+def test_cli_errors_are_messages_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    assert cli_main(["--redis-url", dead, "submit", "--manifest", str(tmp_path / "no.jsonl"), "--out", "o"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main(["--redis-url", dead, "submit", "--folder", str(tmp_path), "--out", "o"]) == 2
+    assert "needs a prompt" in capsys.readouterr().err
+    assert cli_main(["--redis-url", dead, "status", "job-x"]) == 3
+    assert "cannot reach Redis" in capsys.readouterr().err
+    assert cli_main(["schedules", "--file", str(tmp_path / "none.toml")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["submit"])

@@ -24,6 +24,8 @@ from datetime import datetime, UTC
 from pathlib import Path
 from typing import Any, TextIO
 
+import redis
+
 from vitaserve.errors import InvalidInput
 from vitaserve_batch.store import FINAL_STATUSES, JobStore
 
@@ -85,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (InvalidInput, ValueError) as exc:
         print(f"vitaserve batch {args.command}: {exc}", file=sys.stderr)
         return 2
+    except redis.RedisError as exc:
+        print(f"vitaserve batch {args.command}: cannot reach Redis: {exc}", file=sys.stderr)
+        return 3
     return 2
 
 
