@@ -63,7 +63,7 @@ class BatchSettings(BaseSettings):
         "timeout (kombu's unacked_restore_interval)."
     )
     results_flush_s: float = Field(
-        2.0, ge=0.001, description="While a job runs, results.jsonl is rewritten at most this often (it is "
+        5.0, ge=0.001, description="While a job runs, results.jsonl is rewritten at most this often (it is "
         "always written when the job finishes)."
     )
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long a job's state is kept in Redis.")

@@ -90,6 +90,8 @@ class JobStore:
                 pipe.hsetnx(key, "created_at", time.time())
                 pipe.hsetnx(key, "status", "queued")
                 pipe.zadd(f"{PREFIX}jobs", {job_id: time.time()})
+                # The listing forgets jobs whose state has expired.
+                pipe.zremrangebyscore(f"{PREFIX}jobs", "-inf", time.time() - self.ttl_s)
                 self._touch(pipe, job_id)
                 pipe.execute()
         return created
