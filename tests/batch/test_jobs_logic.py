@@ -5,6 +5,9 @@ nothing listens (every call is UNAVAILABLE), so no item here needs a model."""
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,6 +89,15 @@ def test_claims_retries_and_unavailable(rt: WorkerRuntime, tmp_path: Path) -> No
     assert later.value.reason == "claimed by another attempt" and 19.0 < later.value.countdown_s <= 21.0
     assert later.value.retries == 0, "waiting for a claim does not use up the retry budget"
     rt.store.r.delete(rt.store.key(job_id, "claim:a"))
+    # A claim of a process of this host that is gone (or of this very process) is taken over at once.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for holder in (f"{socket.gethostname()}|{gone.pid}|task|x", f"{socket.gethostname()}|{os.getpid()}|t|y"):
+        assert rt.store.claim(job_id, "a", holder, 20.0)
+        with pytest.raises(RetryLater) as later:
+            run_item(rt, job_id, 0, sent)
+        assert later.value.retries == 1, "it ran: the component is UNAVAILABLE"
+        assert rt.store.claim_holder(job_id, "a") is None, "and released its claim to retry"
     # The component is unreachable: retried with exponential backoff, then an UNAVAILABLE error.
     delays = []
     for retries in range(2):

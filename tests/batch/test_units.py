@@ -281,7 +281,8 @@ def test_progress_line() -> None:
 
 def test_cli_errors_are_messages_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     dead = f"redis://127.0.0.1:{free_port()}/0"
-    assert cli_main(["--redis-url", dead, "submit", "--manifest", str(tmp_path / "no.jsonl"), "--out", "o"]) == 2
+    missing = str(tmp_path / "no.jsonl")
+    assert cli_main(["--redis-url", dead, "submit", "--manifest", missing, "--out", "o"]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli_main(["--redis-url", dead, "submit", "--folder", str(tmp_path), "--out", "o"]) == 2
     assert "needs a prompt" in capsys.readouterr().err

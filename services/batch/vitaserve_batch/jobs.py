@@ -10,8 +10,9 @@ twice in the normal case; a rare duplicate message is harmless, see below).
 `run_item` is idempotent per (job id, item id):
 1. an item that has a result is not run again (its WAV rename is completed if a crash interrupted it);
 2. a cancelled job records `cancelled` for the item instead of running it;
-3. otherwise the attempt claims the item with a lease; if another attempt holds a live claim, the task is
-   retried after the lease ends (that attempt may have died with its worker);
+3. otherwise the attempt claims the item with a lease; if another attempt holds the claim, the task is
+   retried after the lease ends (that attempt may have died with its worker), unless the holder is known
+   dead (a process of this host that no longer exists): then the claim is taken over at once;
 4. the media are read and checked (bad media -> the item's error), the pipeline runs; a retryable error
    (component UNAVAILABLE, overloaded, too slow) releases the claim and retries with exponential backoff up
    to `max_retries`, then becomes the item's error;
@@ -148,10 +149,15 @@ def _run_item(runtime: WorkerRuntime, job: dict[str, Any], out_dir: Path, row: d
                                        "error": row["error"]})
         return "bad-line"
     # Unique per attempt (a redelivered message has the same task id): host, process, task, random.
-    token = f"{socket.gethostname()}-{os.getpid()}-{attempt_id}-{uuid.uuid4().hex[:8]}"
+    token = f"{socket.gethostname()}|{os.getpid()}|{attempt_id}|{uuid.uuid4().hex[:8]}"
     if not store.claim(job_id, item_id, token, settings.item_lease_s):
-        wait = store.claim_ttl_s(job_id, item_id) + 0.5
-        raise RetryLater(min(wait, settings.item_lease_s + 1.0), retries, "claimed by another attempt")
+        holder = store.claim_holder(job_id, item_id)
+        if holder and _holder_is_dead(holder) and store.take_over(job_id, item_id, holder, token,
+                                                                  settings.item_lease_s):
+            log.warning("job %s: item %s: took over the claim of dead attempt %s", job_id, item_id, holder)
+        else:
+            wait = store.claim_ttl_s(job_id, item_id) + 0.5
+            raise RetryLater(min(wait, settings.item_lease_s + 1.0), retries, "claimed by another attempt")
     tmp_audio: str | None = None
     try:
         if store.result(job_id, item_id) is not None:  # finished while this attempt waited for its claim
@@ -227,6 +233,26 @@ def finish_if_complete(runtime: WorkerRuntime, job_id: str) -> bool:
             store.update_job(job_id, status=status, finished_at=time.time())
             store.expire_job(job_id)
     return complete
+
+
+def _holder_is_dead(token: str) -> bool:
+    """Whether the attempt holding a claim is known to be gone: it ran on this host in a process that no
+    longer exists (a pool process killed by the OOM killer, say) or in this very process (which runs one
+    item at a time, so the claim is a leftover). Claims of other hosts wait for their lease."""
+    host, _, rest = token.partition("|")
+    pid_text = rest.partition("|")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # exists, owned by someone else
+    return False
 
 
 def _send_once(store: JobStore, job_id: str, index: int, send: Send, *, force: bool) -> None:

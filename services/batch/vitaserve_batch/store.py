@@ -46,6 +46,14 @@ if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 1 then
 end
 return 0
 """
+# KEYS: claim. ARGV: old token, new token, lease ms. Takes over a claim only if it is still the old one.
+_TAKE_OVER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
 # KEYS: claim. ARGV: token. Deletes the claim only if it is still this attempt's.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -61,6 +69,7 @@ class JobStore:
         self.ttl_s = ttl_s
         self._record = client.register_script(_RECORD)
         self._release = client.register_script(_RELEASE)
+        self._take_over = client.register_script(_TAKE_OVER)
 
     @classmethod
     def from_url(cls, url: str, *, ttl_s: int = 7 * 24 * 3600) -> JobStore:
@@ -146,6 +155,14 @@ class JobStore:
 
     def claim(self, job_id: str, item_id: str, token: str, lease_s: float) -> bool:
         return bool(self.r.set(self.key(job_id, f"claim:{item_id}"), token, nx=True, px=int(lease_s * 1000)))
+
+    def claim_holder(self, job_id: str, item_id: str) -> str | None:
+        return self.r.get(self.key(job_id, f"claim:{item_id}"))
+
+    def take_over(self, job_id: str, item_id: str, old: str, new: str, lease_s: float) -> bool:
+        """Replace the claim `old` (an attempt known to be dead) by `new`, atomically."""
+        keys = [self.key(job_id, f"claim:{item_id}")]
+        return bool(self._take_over(keys=keys, args=[old, new, int(lease_s * 1000)]))
 
     def claim_ttl_s(self, job_id: str, item_id: str) -> float:
         """Seconds until the current claim expires (0 if there is none)."""
