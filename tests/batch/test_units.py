@@ -292,3 +292,13 @@ def test_cli_errors_are_messages_and_exit_codes(tmp_path: Path, capsys: pytest.C
     assert "cannot read" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli_main(["submit"])
+
+
+def test_cli_status_lists_recent_jobs(store, redis_server, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    job = f"listed-{os.getpid()}-{id(capsys)}"
+    store.create_job(job, {"out_dir": "/tmp/x", "concurrency": 1})
+    store.update_job(job, total=4, started_at=1.0)
+    store.record(job, "a", {"status": "ok"})
+    assert cli_main(["--redis-url", redis_server.url, "status"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(job))
+    assert " queued [" in line and "1/4" in line and "ok 1 error 0 cancelled 0" in line

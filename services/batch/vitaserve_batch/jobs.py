@@ -238,7 +238,9 @@ def finish_if_complete(runtime: WorkerRuntime, job_id: str) -> bool:
 def _holder_is_dead(token: str) -> bool:
     """Whether the attempt holding a claim is known to be gone: it ran on this host in a process that no
     longer exists (a pool process killed by the OOM killer, say) or in this very process (which runs one
-    item at a time, so the claim is a leftover). Claims of other hosts wait for their lease."""
+    item at a time, so the claim is a leftover). Claims of other hosts wait for their lease. Should two
+    hosts share a name but not a process table (containers with host networking), a live attempt could be
+    taken over: the item is then computed twice but still recorded once (`record` is fenced by the claim)."""
     host, _, rest = token.partition("|")
     pid_text = rest.partition("|")[0]
     if host != socket.gethostname() or not pid_text.isdigit():
