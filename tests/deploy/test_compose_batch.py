@@ -49,4 +49,4 @@ def test_cpu_profile_batch_worker_uses_the_cpu_triton() -> None:
     worker = services["batch-worker-cpu"]
     assert worker["environment"]["VITASERVE_BATCH_TRITON_URL"] == "triton-cpu:8001"
     assert "triton-cpu" in worker["depends_on"] and "batch-beat" in services
-    assert "batch-worker" not in services  # the GPU worker stays down
+    assert services["batch-worker"]["profiles"] == ["gpu"]  # the GPU worker stays down
