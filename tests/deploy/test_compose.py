@@ -17,8 +17,6 @@ from vitaserve_orchestrator.settings import OrchestratorSettings
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).parents[2]
-# Orchestrator variables of the sessions/auth work landing in parallel (issue 4); not in settings.py yet.
-PENDING_SETTINGS = {"VITASERVE_SESSION_STORE", "VITASERVE_REDIS_URL", "VITASERVE_API_KEYS_FILE"}
 
 
 def _config(*args: str) -> dict:
@@ -39,9 +37,9 @@ def _models(svc: dict) -> list[str]:
 
 
 def _settings(env: dict[str, str]) -> OrchestratorSettings:
-    known = {f"VITASERVE_{name.upper()}" for name in OrchestratorSettings.model_fields} | PENDING_SETTINGS
+    known = {f"VITASERVE_{name.upper()}" for name in OrchestratorSettings.model_fields}
     assert not set(env) - known, f"unknown settings: {set(env) - known}"
-    values = {k[len("VITASERVE_"):].lower(): v for k, v in env.items() if k not in PENDING_SETTINGS}
+    values = {k[len("VITASERVE_"):].lower(): v for k, v in env.items()}
     return OrchestratorSettings.model_validate(values)
 
 

@@ -23,8 +23,6 @@ CHART = Path(__file__).parents[2] / "helm" / "vitaserve"
 KUBE_VERSION = "1.37.0"
 VALUES_FILES = sorted(p.name for p in (CHART / "ci").glob("*.yaml"))
 CASES = ["default", *VALUES_FILES]
-# Orchestrator variables of the sessions/auth work landing in parallel (issue 4); not in settings.py yet.
-PENDING_SETTINGS = {"VITASERVE_SESSION_STORE", "VITASERVE_REDIS_URL", "VITASERVE_API_KEYS_FILE"}
 
 
 def values_of(case: str) -> dict[str, Any]:
@@ -170,12 +168,15 @@ def test_orchestrator_wiring_matches_the_code(case: str) -> None:
     (container,) = spec["containers"]
     config = one(docs, "ConfigMap", "vs-vitaserve-orchestrator")["data"]
     env = {e["name"]: e for e in container["env"]}
-    # every variable is one settings.py reads (or one landing with the session work)
-    known = {f"VITASERVE_{name.upper()}" for name in OrchestratorSettings.model_fields} | PENDING_SETTINGS
+    # every variable is one settings.py reads
+    known = {f"VITASERVE_{name.upper()}" for name in OrchestratorSettings.model_fields}
     assert not (set(config) | set(env)) - known - {"HOME"}
     # and the settings accept them: kubernetes discovery with a Service per component that exists
     values = {k[len("VITASERVE_"):].lower(): v for k, v in config.items()
-              if k not in PENDING_SETTINGS and k[len("VITASERVE_"):].lower() in OrchestratorSettings.model_fields}
+              if k[len("VITASERVE_"):].lower() in OrchestratorSettings.model_fields}
+    if "VITASERVE_REDIS_URL" in env:  # from the Redis Secret (it may hold a password)
+        assert "secretKeyRef" in env["VITASERVE_REDIS_URL"]["valueFrom"]
+        values["redis_url"] = "redis://redis-from-secret:6379/0"
     settings = OrchestratorSettings.model_validate({**values, "kubernetes_namespace": "ml"})
     triton_services = {d["metadata"]["name"] for d in find(docs, "Service") if d["spec"].get("clusterIP") == "None"}
     if settings.discovery == "kubernetes":
@@ -254,3 +255,22 @@ def test_grafana_dashboard_configmap_and_its_orchestrator_metrics() -> None:
     assert wanted and wanted <= registered, wanted - registered
     off = helm.Chart.load(CHART).render({"grafana": {"dashboard": {"enabled": False}}}, name="vs", namespace="ml")
     assert "vs-vitaserve-dashboard" not in "".join(off.values())
+
+
+def test_api_keys_secret_is_a_keys_file_the_orchestrator_accepts() -> None:
+    import hashlib
+
+    from vitaserve_orchestrator.auth import KeyTable
+
+    docs = render("external-redis.yaml")
+    deployment = one(docs, "Deployment", "vs-vitaserve-orchestrator")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    path = next(e["value"] for e in container["env"] if e["name"] == "VITASERVE_API_KEYS_FILE")
+    secrets = [d for d in find(docs, "Secret") if Path(path).name in d.get("stringData", {})]
+    assert len(secrets) == 1
+    table = KeyTable.parse(json.loads(secrets[0]["stringData"][Path(path).name]), max_streams=1, max_message_bytes=0)
+    tenant = table.find("vs-example-key-change-me")
+    assert tenant is not None and tenant.name == "acme" and tenant.max_streams == 20
+    assert table.find("wrong-key") is None
+    assert "vs-example-key-change-me" not in json.dumps(secrets[0])  # only the hash is stored
+    assert hashlib.sha256(b"vs-example-key-change-me").hexdigest() in json.dumps(secrets[0])
