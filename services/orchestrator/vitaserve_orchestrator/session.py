@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from vitaserve.components.base import ImageInput
 from vitaserve.errors import InvalidInput, NotFound, ResourceExhausted
 from vitaserve.models.prompt import Turn, check_text
+from vitaserve_orchestrator.bargein import BargeInConfig, BargeInUpdate
 from vitaserve_orchestrator.settings import OrchestratorSettings
 
 IMAGE_MARKER = "[image]"
@@ -57,6 +58,8 @@ class SettingsUpdate:
     seed: int = 0
     system_prompt: str = ""
     text_only: bool = False
+    barge_in: BargeInUpdate | None = None
+    playout_lead_ms: int | None = None  # None = the server default
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,8 @@ class SessionSettings:
     speech_out: synthesise spoken replies. Only `text_only` turns it off: the API's `want_audio` is a
       proto3 bool, so "false" cannot be told apart from "unset", and speech is the default.
     seed: None = a fresh random seed per reply. system_prompt: None = the model's default for the media.
+    barge_in: the interruption policy (bargein.py). playout_lead_ms: how far ahead of real time reply audio
+      is sent (pacing.py).
     """
 
     turn_detection: str
@@ -77,6 +82,13 @@ class SessionSettings:
     temperature: float
     seed: int | None
     system_prompt: str | None
+    barge_in: BargeInConfig = field(default_factory=BargeInConfig)
+    playout_lead_ms: int = 300
+
+    def __post_init__(self) -> None:
+        # A store that keeps settings as plain data (e.g. JSON) hands the policy back as a dict.
+        if isinstance(self.barge_in, dict):
+            object.__setattr__(self, "barge_in", BargeInConfig(**self.barge_in))
 
     @classmethod
     def resolve(cls, update: SettingsUpdate | None, config: OrchestratorSettings) -> SessionSettings:
@@ -100,6 +112,9 @@ class SessionSettings:
         for name in ("vad_min_silence_ms", "vad_min_utterance_ms"):
             if getattr(u, name) > 60_000:
                 raise InvalidInput(f"{name} must be <= 60000")
+        lead = config.playout_lead_ms if u.playout_lead_ms is None else u.playout_lead_ms
+        if not 0 <= lead <= 3_600_000:
+            raise InvalidInput(f"playout_lead_ms must be in 0..3600000, got {lead}")
         return cls(
             turn_detection=mode,
             vad_threshold=threshold,
@@ -110,6 +125,8 @@ class SessionSettings:
             temperature=u.temperature,
             seed=u.seed or None,
             system_prompt=u.system_prompt or None,
+            barge_in=BargeInConfig.resolve(u.barge_in, config),
+            playout_lead_ms=lead,
         )
 
 
