@@ -97,7 +97,8 @@ def test_a_backchannel_pauses_the_reply_which_resumes_and_completes(stack: Local
                 await conv.send_text("Tell me a story.")
                 first = await rec.wait_for(kind_is("audio"))
                 rid = first.response_id
-                await conv.send_audio(silence(200) + backchannel + silence(SILENCE_MS), chunk_ms=20, realtime=True)
+                await conv.send_audio(silence(200) + backchannel + silence(SILENCE_MS), chunk_ms=20,
+                                      realtime=True)
                 done = (await rec.wait_for(kind_is("response_done", rid))).response_done
                 await rec.wait_for(kind_is("speech_stopped"))
             finally:
@@ -116,7 +117,7 @@ def test_a_backchannel_pauses_the_reply_which_resumes_and_completes(stack: Local
             # The reply was held while the user spoke: a gap in the paced frames after speech started, and
             # frames again after it (it resumed).
             arrivals = [t for t, _ in audio]
-            gaps = [(b - a, a) for a, b in zip(arrivals, arrivals[1:]) if a >= started[0] - 0.15]
+            gaps = [(b - a, a) for a, b in zip(arrivals, arrivals[1:], strict=False) if a >= started[0] - 0.15]
             assert gaps and max(g for g, _ in gaps) >= 0.25, gaps
             assert arrivals[-1] > started[0]
             # Paced: the whole reply took about its own duration to arrive (not the second it takes to make).
@@ -143,8 +144,9 @@ def test_a_real_barge_in_stops_the_audio_and_history_keeps_what_was_heard(stack:
                 intr_at = [t for t, e in rec.events if e is intr_event][0]
                 # The history holds the heard text only (a settings update answers with the session).
                 await conv.send(pb.ClientEvent(session_update=pb.SessionUpdate(settings=settings(48))))
-                history = (await rec.wait_for(lambda e: e.WhichOneof("event") == "session_started"
-                                              and len(e.session_started.history) == 1)).session_started.history
+                resumed = await rec.wait_for(lambda e: e.WhichOneof("event") == "session_started"
+                                             and len(e.session_started.history) == 1)
+                history = resumed.session_started.history
                 # The utterance goes on and becomes the next turn.
                 turn2 = await rec.wait_for(lambda e: e.WhichOneof("event") == "turn_started"
                                            and e.response_id != rid, timeout=30)

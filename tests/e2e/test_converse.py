@@ -129,7 +129,9 @@ def test_interrupt_stops_everything(stack: LocalStack) -> None:
             received = sum(len(e.audio.pcm16) // 2 for e in seen + after if e.WhichOneof("event") == "audio")
             received_ms = received * 1000 / 24000
             assert received_ms - 401 <= interrupted.interrupted.played_ms <= received_ms + 1
-            # Nothing of the cancelled response may follow; the session still answers a new turn.
+            # Nothing of the cancelled response may follow; the session answers a new (short, unpaced) turn.
+            await conv.send(pb.ClientEvent(session_update=pb.SessionUpdate(settings=SETTINGS)))
+            assert (await conv.next_event()).WhichOneof("event") == "session_started"
             reply, _, _, events = await run_turn(conv, image=None, pcm16=None, text="Short answer please.",
                                                  echo=False)
             assert all(e.response_id != response_id for e in events)

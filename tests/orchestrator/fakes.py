@@ -197,19 +197,21 @@ class ScriptedVad:
 
 
 class VirtualClock:
-    """A clock (`clock()` -> seconds) that runs with real time but skips every wait: `sleep(d)` and
-    `advance(d)` move it forward by `d` at once.
+    """A clock (`clock()` -> seconds) that skips every wait: `sleep(d)` and `advance(d)` move it forward by
+    `d` at once. `realtime=True`: it also runs with real time (durations the code under test measures, its
+    timings, stay real); False: time moves only by `sleep` and `advance` (exact, whatever the machine's
+    load).
 
     Pass `clock` as the clock and `clock.sleep` as the outbox's sleep: a paced frame due in 0.1 s is then
-    sent after a virtual 0.1 s, at once in real time, while durations measured by the code under test
-    (timings) stay real."""
+    sent after a virtual 0.1 s, at once in real time."""
 
-    def __init__(self) -> None:
-        self.skipped = 0.0
+    def __init__(self, *, realtime: bool = True) -> None:
+        self.skipped = 1000.0
+        self.realtime = realtime
         self.slept: list[float] = []
 
     def __call__(self) -> float:
-        return time.monotonic() + self.skipped
+        return (time.monotonic() if self.realtime else 0.0) + self.skipped
 
     def advance(self, seconds: float) -> None:
         self.skipped += seconds

@@ -6,11 +6,13 @@ response runs. tests/e2e/test_bargein.py runs the same rules through real Triton
 from __future__ import annotations
 
 import asyncio
+import io
 
 import numpy as np
 import pytest
 from conftest import make_config, run
 from fakes import FakeComponents, ScriptedVad, VirtualClock
+from PIL import Image
 
 from vitaserve.errors import InvalidInput
 from vitaserve_orchestrator import events as ev
@@ -121,7 +123,7 @@ class Scripted:
     def __init__(self, fake: FakeComponents, probabilities: list[float], **settings: object) -> None:
         self.fake = fake
         self.vad = ScriptedVad(probabilities)
-        self.clock = VirtualClock()
+        self.clock = VirtualClock(realtime=False)
         self.outbox = Outbox(clock=self.clock, sleep=self.clock.sleep)
         self.store = InMemorySessionStore()
         self.settings = SettingsUpdate(**{"turn_detection": "vad", **settings})  # type: ignore[arg-type]
@@ -167,6 +169,12 @@ class Scripted:
         assert self.conv is not None
         for _ in range(windows):
             await self.conv.dispatch(ev.AudioIn(pcm16=b"\0\0" * 512, sample_rate=16000))
+
+
+def png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (20, 120, 200)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def audio_of(envs: list[ev.Envelope], response_id: str) -> list[ev.AudioOut]:
@@ -223,7 +231,7 @@ def test_barge_in_interrupts_drops_the_rest_and_history_keeps_what_was_heard() -
         i = intr[0].event
         assert i.reason == "barge_in" and i.trigger_audio_ms == (1 + 3 + 16) * W
         assert i.policy_met_ms > 0
-        # What was sent went out at once; the client had played 200 ms of the 400 ms segment 0 ("Hello there.").
+        # 300 ms went out at once; the client played 200 ms of segment 0 ("Hello there.", 400 ms).
         assert i.played_ms == pytest.approx(200, abs=2) and i.heard_text == "Hello"
         assert conv.session.history[0].assistant == "☜Hello"
         assert fake.llm_streams[0].closed
@@ -297,10 +305,51 @@ def test_audio_stream_and_frames_are_accepted_while_the_assistant_speaks() -> No
         first = conv.response
         await conv.dispatch(ev.AudioIn(pcm16=np.zeros(3200, "<i2").tobytes(), sample_rate=16000))
         await conv.dispatch(ev.TextIn(text="and this", defer_commit=True))
+        await conv.dispatch(ev.VideoFrameIn(data=png(), timestamp_s=1.0))
         assert not first.finished and not [e for e in h.drain_now() if isinstance(e.event, ev.ErrorEvent)]
         await conv.dispatch(ev.CommitIn())  # push-to-talk release: a new turn, interrupting the reply
         got = await h.until(ev.TurnStarted)
         assert any(isinstance(e.event, ev.Interrupted) and e.event.reason == "new_turn" for e in got)
-        assert got[-1].event.modality == "audio"
+        assert got[-1].event == ev.TurnStarted(modality="audio", images=0, frames=1)
+        await h.until(ev.TextDelta)  # the new turn reached the LLM
+        assert len(fake.prompts) == 2 and "and this" in fake.prompts[-1]
 
     run(body())
+
+
+def test_the_client_playback_report_bounds_what_was_heard() -> None:
+    async def body() -> None:
+        gate = asyncio.Event()
+        fake = FakeComponents(reply=REPLY, llm_gate=(8, gate), speech_chunks=4)
+        h = Scripted(fake, [], turn_detection="manual")
+        conv = await h.open()
+        await conv.dispatch(ev.TextIn(text="talk to me"))
+        await h.until(ev.AudioOut)
+        response = conv.response
+        h.drain_now()
+        h.clock.advance(0.3)  # paced estimate: the 300 ms sent were played
+        assert response.playout.played_ms == pytest.approx(300)
+        await conv.dispatch(ev.PlaybackIn(response_id="resp-other", played_ms=10))  # another response: ignored
+        await conv.dispatch(ev.PlaybackIn(response_id=response.id, played_ms=120))  # the client is behind
+        await conv.dispatch(ev.InterruptIn())
+        intr = [e.event for e in h.drain_now() if isinstance(e.event, ev.Interrupted)]
+        assert intr == [ev.Interrupted(played_ms=120, heard_text="", reason="client")]  # "Hel" is no word
+        assert conv.session.history[0].assistant == "☜"
+        gate.set()
+
+    run(body())
+
+
+def test_session_settings_with_the_policy_survive_a_plain_data_round_trip() -> None:
+    import dataclasses
+
+    from vitaserve_orchestrator.session import SessionSettings
+
+    s = SessionSettings.resolve(
+        SettingsUpdate(barge_in=BargeInUpdate(min_speech_ms=800, in_flight="continue"), playout_lead_ms=200),
+        make_config(),
+    )
+    assert s.barge_in.min_speech_ms == 800 and s.playout_lead_ms == 200
+    assert SessionSettings(**dataclasses.asdict(s)) == s  # as a JSON/Redis store would hand it back
+    with pytest.raises(InvalidInput, match="playout_lead_ms"):
+        SessionSettings.resolve(SettingsUpdate(playout_lead_ms=-1), make_config())

@@ -58,7 +58,7 @@ def test_playback_model_lead_and_stalls() -> None:
 
 def test_audio_leaves_no_faster_than_real_time_plus_the_lead() -> None:
     async def body() -> None:
-        clock = VirtualClock()
+        clock = VirtualClock(realtime=False)
         box = Outbox("s", clock=clock, sleep=clock.sleep)
         playout = Playout(300)
         box.watch("r1", playout, lambda _e: None)
@@ -82,7 +82,7 @@ def test_audio_leaves_no_faster_than_real_time_plus_the_lead() -> None:
 
 def test_control_events_and_text_never_wait_behind_paced_audio() -> None:
     async def body() -> None:
-        clock = VirtualClock()
+        clock = VirtualClock(realtime=False)
         box = Outbox("s", clock=clock, sleep=clock.sleep)
         box.watch("r1", Playout(300), lambda _e: None)
         for seq in range(6):
@@ -110,7 +110,7 @@ def test_control_events_and_text_never_wait_behind_paced_audio() -> None:
 
 def test_hold_stops_audio_and_release_resumes_where_it_stopped() -> None:
     async def body() -> None:
-        clock = VirtualClock()
+        clock = VirtualClock(realtime=False)
         box = Outbox("s", clock=clock, sleep=clock.sleep)
         playout = Playout(300)
         box.watch("r1", playout, lambda _e: None)
@@ -134,7 +134,7 @@ def test_hold_stops_audio_and_release_resumes_where_it_stopped() -> None:
 
 def test_gate_drops_held_audio_and_resets_the_client_buffer() -> None:
     async def body() -> None:
-        clock = VirtualClock()
+        clock = VirtualClock(realtime=False)
         box = Outbox("s", clock=clock, sleep=clock.sleep)
         box.watch("r1", Playout(300), lambda _e: None)
         for seq in range(8):
@@ -155,7 +155,7 @@ def test_gate_drops_held_audio_and_resets_the_client_buffer() -> None:
 
 def test_a_new_response_plays_after_the_tail_of_the_previous_one() -> None:
     async def body() -> None:
-        clock = VirtualClock()
+        clock = VirtualClock(realtime=False)
         box = Outbox("s", clock=clock, sleep=clock.sleep)
         p1 = Playout(300)
         box.watch("r1", p1, lambda _e: None)
@@ -176,7 +176,7 @@ def test_a_new_response_plays_after_the_tail_of_the_previous_one() -> None:
 
 
 def test_played_estimate_uses_the_smaller_of_paced_and_reported() -> None:
-    clock = VirtualClock()
+    clock = VirtualClock(realtime=False)
     p = Playout(300, clock=clock)
     p.playback.on_sent(400, clock())
     p.sent_ms = 400

@@ -251,9 +251,8 @@ def test_vad_turn_from_streamed_speech(components: InProcessComponents, question
     async def body() -> None:
         async with serving(components) as (_, address), grpc.aio.insecure_channel(address) as channel:
             client = Client(channel)
-            await client.start(
-                settings=pb.SessionSettings(turn_detection="vad", max_reply_tokens=16, playout_lead_ms=UNPACED_MS)
-            )
+            vad = pb.SessionSettings(turn_detection="vad", max_reply_tokens=16, playout_lead_ms=UNPACED_MS)
+            await client.start(settings=vad)
             silence = np.zeros(8000, np.float32)
             await client.send_audio(np.concatenate([silence, question_pcm, silence, silence]))
             events = await client.until()

@@ -1,4 +1,4 @@
-"""The outgoing side of one stream: the event queue with paced audio, the response id gate, playout accounting.
+"""The outgoing side of one stream: the event queue with paced audio, the response id gate and playout.
 
 `Outbox` is the only way events reach the client. It keeps one queue and is drained by the servicer. Events
 leave in the order they were put, except that a response's audio frames are paced (pacing.py): a frame

@@ -24,8 +24,6 @@ Everything here takes the time as an argument (`now`, seconds of the stream's cl
 
 from __future__ import annotations
 
-import numpy as np
-
 # Frames due within this much of now are sent now (float error, and the event loop's own timer slack).
 DUE_SLACK_S = 0.001
 
@@ -34,11 +32,6 @@ def split_frames(pcm16: bytes, sample_rate: int, frame_ms: int) -> list[bytes]:
     """Cut int16 PCM into frames of at most `frame_ms` (whole samples)."""
     step = max(1, sample_rate * frame_ms // 1000) * 2
     return [pcm16[i : i + step] for i in range(0, len(pcm16), step)]
-
-
-def frame_duration_ms(pcm16: bytes | np.ndarray, sample_rate: int) -> float:
-    n = len(pcm16) // 2 if isinstance(pcm16, bytes) else int(np.asarray(pcm16).size)
-    return n * 1000.0 / sample_rate
 
 
 class PlaybackModel:

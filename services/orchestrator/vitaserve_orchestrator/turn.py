@@ -21,8 +21,9 @@ finished once that event was handed to the transport (or at the interruption). I
 response id gate of the `Outbox` first (no data event of this response is sent afterwards), emits
 `Interrupted` with the audio the client played (the paced playout's estimate, or its own report) and the
 reply text aligned to it, then cancels the task, which closes the LLM and speech iterators. While the
-barge-in policy holds the response (`hold_output`), its audio waits in the outbox; generation goes on. Component errors end the turn with an `ErrorEvent` (a stuck component becomes
-`UNAVAILABLE` after its timeout); the session stays usable.
+barge-in policy holds the response (`hold_output`), its audio waits in the outbox; generation goes on.
+Component errors end the turn with an `ErrorEvent` (a stuck component becomes `UNAVAILABLE` after its
+timeout); the session stays usable.
 """
 
 from __future__ import annotations
@@ -295,7 +296,9 @@ class Response:
         assert self._outcome is not None
         return self._outcome
 
-    async def interrupt(self, reason: str, *, trigger_audio_ms: float = 0, policy_met_ms: float = 0.0) -> bool:
+    async def interrupt(
+        self, reason: str, *, trigger_audio_ms: float = 0, policy_met_ms: float = 0.0
+    ) -> bool:
         """Stop this response at every hop; emits `Interrupted` (at once: it never waits for the streams to
         close). False if it had already finished. `trigger_audio_ms` / `policy_met_ms`: see `Interrupted`."""
         if self.finished:
