@@ -40,9 +40,9 @@ def silence(ms: int) -> bytes:
     return b"\0\0" * (16 * ms)
 
 
-def settings(tokens: int) -> pb.SessionSettings:
+def settings(tokens: int, policy: pb.BargeInSettings = POLICY) -> pb.SessionSettings:
     return pb.SessionSettings(turn_detection="vad", want_audio=True, max_reply_tokens=tokens, temperature=0.8,
-                              seed=11, barge_in=POLICY)
+                              seed=11, barge_in=policy)
 
 
 class Recorder:
@@ -88,9 +88,14 @@ def kind_is(kind: str, response_id: str | None = None):  # noqa: ANN201
 
 def test_a_backchannel_pauses_the_reply_which_resumes_and_completes(stack: LocalStack) -> None:
     backchannel = read_wav_16k(DATA / "speech_short.wav")  # "Hi.", 0.42 s: shorter than the 500 ms minimum
+    # A longer resume silence than the default makes the pause long enough to see in arrival times even
+    # when a loaded server handles several queued chunks at once.
+    policy = pb.BargeInSettings()
+    policy.CopyFrom(POLICY)
+    policy.resume_silence_ms = 600
 
     async def scenario() -> None:
-        async with Conversation.open(stack.orchestrator_address, settings=settings(4)) as conv:
+        async with Conversation.open(stack.orchestrator_address, settings=settings(4, policy)) as conv:
             rec = Recorder(conv)
             try:
                 await conv.send_audio(silence(200), chunk_ms=20)  # the server loads this stream's VAD
