@@ -89,8 +89,9 @@ class InProcess:
 
 async def stack_turn(address: str, image: bytes, pcm16: bytes, seed: int) -> tuple[float, float, int]:
     """(time to first audio, time to done, segments) through the stack, from the commit."""
+    # Compute, not playback, is measured: a lead of an hour lifts the real-time pacing of reply audio.
     settings = pb.SessionSettings(turn_detection="manual", want_audio=True, max_reply_tokens=MAX_TOKENS,
-                                  temperature=TEMPERATURE, seed=seed)
+                                  temperature=TEMPERATURE, seed=seed, playout_lead_ms=3_600_000)
     async with Conversation.open(address, settings=settings) as conv:
         await conv.send_image(image)
         await conv.send_audio(pcm16, chunk_ms=1000)

@@ -12,7 +12,17 @@ Library use:
         async for event in conv.until_done():    # ServerEvent protobufs, ends after response_done
             ...
 
-The client sends events from its own queue, so sending never blocks on the server's replies.
+The client sends events from its own queue, so sending never blocks on the server's replies, and the
+conversation is duplex: stream the microphone while a reply plays (the server's barge-in policy decides
+whether it interrupts), and report the playback position of the reply audio:
+
+    mic = asyncio.create_task(conv.send_audio(pcm16, chunk_ms=20, realtime=True))
+    async for event in conv.events():
+        ...                                   # play event.audio.pcm16; stop and flush on `interrupted`
+        await conv.report_playback(event.response_id, played_ms)
+
+The server paces reply audio to real time plus a lead (300 ms by default); a client that does not play it
+(writes a file) sets `SessionSettings.playout_lead_ms` large.
 
 Auth and TLS: `Conversation.open(address, api_key=KEY)` sends `authorization: Bearer KEY`;
 `root_certificates=PEM` connects over TLS trusting that CA (b"" = the system roots), with
@@ -28,7 +38,7 @@ import os
 import sys
 import time
 import wave
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -105,20 +115,32 @@ class Conversation:
     async def send_frame(self, data: bytes, timestamp_s: float) -> None:
         await self.send(pb.ClientEvent(video_frame=pb.VideoFrame(data=data, timestamp_s=timestamp_s)))
 
-    async def send_audio(self, pcm16: bytes, *, chunk_ms: int = 100, realtime: bool = False) -> None:
-        """Send 16 kHz mono int16 PCM in chunks; `realtime` paces them like a microphone."""
+    async def send_audio(self, pcm16: bytes, *, chunk_ms: int = 100, realtime: bool = False,
+                         on_chunk: Callable[[float, float], None] | None = None) -> None:
+        """Send 16 kHz mono int16 PCM in chunks; `realtime` paces them like a microphone (chunk k leaves
+        k·chunk_ms after the first, without drift). `on_chunk(end_ms, sent_at)`: called as each chunk is
+        queued, with the end of the chunk in this call's audio (ms) and `time.monotonic()`."""
         step = INPUT_SAMPLE_RATE * chunk_ms // 1000 * 2
-        for start in range(0, len(pcm16), step):
-            await self.send(pb.ClientEvent(audio=pb.AudioChunk(pcm16=pcm16[start:start + step],
-                                                               sample_rate=INPUT_SAMPLE_RATE)))
+        t0 = time.monotonic()
+        for k, start in enumerate(range(0, len(pcm16), step)):
             if realtime:
-                await asyncio.sleep(chunk_ms / 1000)
+                await asyncio.sleep(max(0.0, t0 + k * chunk_ms / 1000 - time.monotonic()))
+            chunk = pcm16[start:start + step]
+            await self.send(pb.ClientEvent(audio=pb.AudioChunk(pcm16=chunk, sample_rate=INPUT_SAMPLE_RATE)))
+            if on_chunk is not None:
+                on_chunk((start + len(chunk)) / 2 * 1000 / INPUT_SAMPLE_RATE, time.monotonic())
 
     async def commit(self) -> None:
         await self.send(pb.ClientEvent(commit=pb.Commit()))
 
     async def interrupt(self, response_id: str = "") -> None:
         await self.send(pb.ClientEvent(interrupt=pb.Interrupt(response_id=response_id)))
+
+    async def report_playback(self, response_id: str, played_ms: int) -> None:
+        """Tell the server how much of the response's audio has been played (it uses the smaller of this
+        and its own paced estimate for `interrupted.played_ms` and the heard text)."""
+        await self.send(pb.ClientEvent(playback=pb.PlaybackPosition(response_id=response_id,
+                                                                    played_ms=max(0, int(played_ms)))))
 
     async def next_event(self) -> pb.ServerEvent:
         event = await self._call.read()
@@ -139,6 +161,11 @@ class Conversation:
             yield event
             if event.WhichOneof("event") in ("response_done", "interrupted", "error"):
                 return
+
+    async def end_input(self) -> None:
+        """Half-close: the client sends nothing more; the server ends the stream once a running response
+        has played out. Keep reading `events()` to the end."""
+        await self._outbox.put(_END)
 
     async def close(self) -> None:
         await self._outbox.put(_END)
@@ -255,7 +282,9 @@ async def _cli(args: argparse.Namespace) -> int:
     if image is None and pcm16 is None and not args.text:
         print("nothing to send: give --image, --wav and/or --text", file=sys.stderr)
         return 2
-    settings = pb.SessionSettings(turn_detection="manual", want_audio=not args.no_audio)
+    # The CLI writes the reply to a file instead of playing it: unpaced unless --realtime.
+    settings = pb.SessionSettings(turn_detection="manual", want_audio=not args.no_audio,
+                                  playout_lead_ms=None if args.realtime else 3_600_000)
     roots = Path(args.tls_ca).read_bytes() if args.tls_ca else None
     async with Conversation.open(args.address, session_id=args.session, settings=settings,
                                  api_key=args.api_key, root_certificates=roots) as conv:
@@ -282,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--api-key", default=os.environ.get("VITASERVE_API_KEY"),
                         help="API key (default: $VITASERVE_API_KEY); sent as 'authorization: Bearer'")
     parser.add_argument("--tls-ca", help="connect over TLS, trusting this PEM CA bundle")
+    parser.add_argument("--realtime", action="store_true",
+                        help="receive reply audio paced to real time, as a client that plays it")
     try:
         return asyncio.run(_cli(parser.parse_args(argv)))
     except grpc.aio.AioRpcError as exc:

@@ -36,8 +36,10 @@ def ensure_tiny_checkpoint(path: Path) -> Path:
 
 
 async def converse(address: str, image: bytes, question_pcm16: bytes, out: Path) -> int:
+    # The demo writes the reply to a WAV file instead of playing it: a lead of an hour lifts the real-time
+    # pacing of reply audio (the orchestrator's default for clients that play it).
     settings = pb.SessionSettings(turn_detection="manual", want_audio=True, max_reply_tokens=48,
-                                  temperature=0.8, seed=7)
+                                  temperature=0.8, seed=7, playout_lead_ms=3_600_000)
     failures = 0
     async with Conversation.open(address, settings=settings) as conv:
         print(f"\nsession {conv.session_id}\n")

@@ -1,14 +1,18 @@
-"""Fakes for the orchestrator's unit tests: a scripted `ComponentClient` and a scripted VAD model.
+"""Fakes for the orchestrator's unit tests: a scripted `ComponentClient`, a scripted VAD model and a
+virtual clock.
 
 `FakeComponents` answers like the real components (shapes, streaming, errors as `VitaserveError`s) but
 from a script, and records what it was asked and whether its streams were closed. Gates (`asyncio.Event`)
 let a test hold a stream at a chosen point, so ordering and cancellation are tested without sleeps.
+`VirtualClock` is the injected clock of paced output: time moves only when the outbox waits for a paced
+frame (or a test advances it), so pacing is tested without real sleeps.
 Integration tests run the same scenarios through `InProcessComponents` and a real gRPC server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
@@ -190,3 +194,29 @@ class ScriptedVad:
 
     def reset(self) -> None:
         self.calls = 0
+
+
+class VirtualClock:
+    """A clock (`clock()` -> seconds) that skips every wait: `sleep(d)` and `advance(d)` move it forward by
+    `d` at once. `realtime=True`: it also runs with real time (durations the code under test measures, its
+    timings, stay real); False: time moves only by `sleep` and `advance` (exact, whatever the machine's
+    load).
+
+    Pass `clock` as the clock and `clock.sleep` as the outbox's sleep: a paced frame due in 0.1 s is then
+    sent after a virtual 0.1 s, at once in real time."""
+
+    def __init__(self, *, realtime: bool = True) -> None:
+        self.skipped = 1000.0
+        self.realtime = realtime
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return (time.monotonic() if self.realtime else 0.0) + self.skipped
+
+    def advance(self, seconds: float) -> None:
+        self.skipped += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.skipped += max(0.0, seconds)
+        await asyncio.sleep(0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import make_config, run
-from fakes import FakeComponents
+from fakes import FakeComponents, VirtualClock
 from PIL import Image
 
 from vitaserve_orchestrator import events as ev
@@ -44,7 +44,8 @@ class Harness:
         self.config = config or make_config()
         self.settings = SettingsUpdate(**{"turn_detection": "manual", **settings})  # type: ignore[arg-type]
         self.store = InMemorySessionStore()
-        self.outbox = Outbox()
+        self.clock = VirtualClock()  # paced audio goes out in virtual time
+        self.outbox = Outbox(clock=self.clock, sleep=self.clock.sleep)
         self.conv: Conversation | None = None
 
     async def open(self) -> Conversation:
@@ -55,6 +56,7 @@ class Harness:
             config=self.config,
             outbox=self.outbox,
             vad_factory=SileroVad,
+            clock=self.clock,
         )
         started = await self.next()
         assert isinstance(started.event, ev.SessionStarted)
@@ -188,10 +190,10 @@ def test_bad_event_is_an_error_event_and_the_session_goes_on(
     run(body())
 
 
-def test_short_push_to_talk_and_events_during_a_response_are_refused() -> None:
+def test_short_push_to_talk_and_new_turns_during_a_response_without_barge_in_are_refused() -> None:
     async def body() -> None:
         gate = asyncio.Event()
-        h = Harness(FakeComponents(llm_gate=(3, gate)))
+        h = Harness(FakeComponents(llm_gate=(3, gate)), make_config(barge_in_enabled=False))
         await h.open()
         await h.send(ev.AudioIn(pcm16=b"\0\0" * 800, sample_rate=16000))  # 50 ms
         await h.send(ev.CommitIn(event_id="ptt"))
@@ -229,6 +231,7 @@ def test_client_interrupt_truncates_history_and_ignores_stale_ids() -> None:
         await h.send(ev.TextIn(text="talk"))
         await h.until(ev.AudioOut)
         await h.until(ev.AudioOut)  # segment 0 sent whole
+        h.clock.advance(0.3)  # ... and played by the client (paced playout)
         response_id = conv.response.id
         await h.send(ev.InterruptIn(response_id="resp-stale"))
         assert not conv.response.finished

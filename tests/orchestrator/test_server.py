@@ -37,7 +37,10 @@ pytestmark = pytest.mark.integration
 
 GOLDEN = Path(__file__).parents[1] / "golden" / "vita15-tiny"
 END = ("response_done", "interrupted", "error")
-MANUAL = pb.SessionSettings(turn_detection="manual", max_reply_tokens=12)
+# These clients play nothing: a lead of an hour lifts the real-time pacing of reply audio (pacing.py), which
+# test_interrupt_mid_response and tests/e2e/test_bargein.py exercise.
+UNPACED_MS = 3_600_000
+MANUAL = pb.SessionSettings(turn_detection="manual", max_reply_tokens=12, playout_lead_ms=UNPACED_MS)
 
 
 def free_port() -> int:
@@ -248,7 +251,8 @@ def test_vad_turn_from_streamed_speech(components: InProcessComponents, question
     async def body() -> None:
         async with serving(components) as (_, address), grpc.aio.insecure_channel(address) as channel:
             client = Client(channel)
-            await client.start(settings=pb.SessionSettings(turn_detection="vad", max_reply_tokens=16))
+            vad = pb.SessionSettings(turn_detection="vad", max_reply_tokens=16, playout_lead_ms=UNPACED_MS)
+            await client.start(settings=vad)
             silence = np.zeros(8000, np.float32)
             await client.send_audio(np.concatenate([silence, question_pcm, silence, silence]))
             events = await client.until()
@@ -277,8 +281,10 @@ def test_interrupt_mid_response(components: InProcessComponents) -> None:
             intr = events[-1]
             assert intr.HasField("interrupted"), kinds(events)
             assert intr.response_id == response_id and intr.interrupted.reason == "client"
-            played = sum(len(e.audio.pcm16) // 2 for e in events if e.HasField("audio")) / 24
-            assert abs(intr.interrupted.played_ms - played) <= 1
+            # Paced playout: the client has played what it received minus at most the lead (300 ms) and
+            # one frame (100 ms) still in its buffer.
+            received = sum(len(e.audio.pcm16) // 2 for e in events if e.HasField("audio")) / 24
+            assert received - 400 - 1 <= intr.interrupted.played_ms <= received + 1
             text = "".join(e.text_delta.text for e in events if e.HasField("text_delta"))
             assert text.startswith(intr.interrupted.heard_text)
             assert stop_ms < 2000

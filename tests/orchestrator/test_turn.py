@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 from conftest import make_config, run
-from fakes import FakeComponents
+from fakes import FakeComponents, VirtualClock
 
 from vitaserve.components.base import ImageInput
 from vitaserve.errors import Unavailable
@@ -51,7 +51,8 @@ class Harness:
         limits: PipelineLimits | None = None,
     ) -> None:
         self.fake = fake
-        self.outbox = Outbox("sess-test")
+        self.clock = VirtualClock()  # paced audio goes out in virtual time
+        self.outbox = Outbox("sess-test", clock=self.clock, sleep=self.clock.sleep)
         self.outcomes: list[Outcome] = []
         self.response = Response(
             components=fake,
@@ -63,8 +64,9 @@ class Harness:
             history=history,
             settings=session or settings(),
             limits=limits or PipelineLimits(),
-            committed_at=time.monotonic(),
+            committed_at=self.clock(),
             on_finished=lambda _r, o: self.outcomes.append(o),
+            clock=self.clock,
         )
 
     async def until_end(self) -> list[Envelope]:
@@ -244,6 +246,7 @@ def test_interrupt_closes_llm_and_speech_and_reports_what_was_heard() -> None:
         got = await h.until(AudioOut)
         got += await h.until(AudioOut)  # both chunks of segment 0 were sent
         await settle(lambda: len(fake.speech_streams) == 2)
+        h.clock.advance(0.2)  # the client has played the 200 ms it was sent (paced playout)
         assert await h.response.interrupt("client")
         assert fake.llm_streams[0].closed and fake.speech_streams[1].closed
         assert not fake.speech_streams[0].closed  # segment 0 had finished

@@ -6,9 +6,12 @@
 - what waits for the next turn (text, images, push-to-talk audio) and the camera frame ring;
 - turn detection: text turns (a `TextIn` commits unless deferred), push-to-talk (`manual` + `CommitIn`),
   and VAD turns (`vad`: the `Endpointer` reports speech start/stop; the end of an utterance commits it);
-- turn ordering: one response at a time. A commit while a response runs is FAILED_PRECONDITION, except an
-  utterance ended by VAD, which interrupts the response first (barge-in);
-- barge-in: in VAD mode, user speech lasting `barge_in_min_speech_ms` interrupts a running response;
+- turn ordering: one response at a time. A new turn (typed text, a commit) while a response runs
+  interrupts it (reason `new_turn`) when the session's barge-in policy is enabled, else it is
+  FAILED_PRECONDITION; an utterance the VAD ends while a response still runs is dropped (bargein.py);
+- barge-in: in VAD mode, every VAD window also feeds the session's `BargeInPolicy` (bargein.py), which
+  holds the reply audio while the user may be interrupting, releases it after a false interruption, and
+  interrupts the response (reason `barge_in`) once the speech meets the policy;
 - interruption on request (`InterruptIn`), playback reports, settings changes and the end of the session;
 - history and persistence: a finished response updates the history (session.py's policy) and the
   session is saved to the store at turn boundaries, on settings changes and when the stream ends. The
@@ -36,6 +39,7 @@ from vitaserve.errors import FailedPrecondition, InvalidInput, VitaserveError
 from vitaserve.models.image import decode_image
 from vitaserve.models.prompt import check_text
 from vitaserve_orchestrator.auth import Tenant
+from vitaserve_orchestrator.bargein import BargeInPolicy
 from vitaserve_orchestrator.events import (
     AudioIn,
     ClientEvent,
@@ -83,7 +87,7 @@ from vitaserve_orchestrator.vad import (
 
 log = logging.getLogger(__name__)
 
-_VAD_FIELDS = ("turn_detection", "vad_threshold", "vad_min_silence_ms", "vad_min_utterance_ms")
+_VAD_FIELDS = ("turn_detection", "vad_threshold", "vad_min_silence_ms", "vad_min_utterance_ms", "barge_in")
 
 
 def pcm16_to_float(pcm16: bytes | bytearray) -> np.ndarray:
@@ -117,6 +121,7 @@ class Conversation:
         self._save_lock = asyncio.Lock()
         self._response: Response | None = None
         self._endpointer: Endpointer | None = None
+        self._policy: BargeInPolicy | None = None  # lives and dies with the endpointer
         self._vad_base_ms = 0  # input audio received before the current endpointer was created
         self._audio_in_ms = 0.0  # input audio received on this stream
         self._ended = False
@@ -173,7 +178,10 @@ class Conversation:
         )
         outbox.put(
             SessionStarted(
-                resumed=bool(update.session_id), settings=session.settings, history_turns=len(session.history)
+                resumed=bool(update.session_id),
+                settings=session.settings,
+                history_turns=len(session.history),
+                history=tuple(session.history),
             )
         )
         conversation._lease.start()
@@ -235,6 +243,7 @@ class Conversation:
                 await self._apply_vad_events(self._endpointer.flush())
             except VitaserveError as exc:
                 self.report(exc)
+        self._release_hold()  # no more input: nothing can interrupt any more
         if self._response is not None and not self._ended:
             await self._response.wait()
         await self._tasks.wait_all(self._limits.cancel_timeout_s)
@@ -299,7 +308,10 @@ class Conversation:
             await self._save()
         self._outbox.put(
             SessionStarted(
-                resumed=True, settings=self.session.settings, history_turns=len(self.session.history)
+                resumed=True,
+                settings=self.session.settings,
+                history_turns=len(self.session.history),
+                history=tuple(self.session.history),
             )
         )
 
@@ -323,8 +335,8 @@ class Conversation:
         pending = self.session.pending
         if pending.text_chars + len(event.text) > self._config.max_text_chars:
             raise InvalidInput(f"the turn's text is longer than {self._config.max_text_chars} characters")
-        if not event.defer_commit and self._active():
-            raise FailedPrecondition("a response is running: interrupt it before sending a new turn")
+        if not event.defer_commit:
+            await self._new_turn_may_start()
         pending.texts.append(event.text)
         if not event.defer_commit:
             await self._commit()
@@ -391,6 +403,7 @@ class Conversation:
             )
             model = await asyncio.to_thread(self._vad_factory)  # loading the model takes ~70 ms
             self._endpointer = Endpointer(vad_config, model)
+            self._policy = BargeInPolicy(s.barge_in)
             # Offsets stay those of the whole stream's input audio, whenever the endpointer was created.
             self._vad_base_ms = int(round(self._audio_in_ms - new_samples * 1000.0 / SAMPLE_RATE))
         return self._endpointer
@@ -401,12 +414,45 @@ class Conversation:
                 SpeechStopped(self._vad_base_ms + self._endpointer.position_ms),
                 turn_id=self.session.turn_id(),
             )
+        self._release_hold()
         self._endpointer = None
+        self._policy = None
+
+    def _release_hold(self) -> None:
+        if self._policy is not None:
+            self._policy.release()
+        if self._response is not None:
+            self._response.hold_output(False)
 
     async def _on_vad_audio(self, pcm: np.ndarray, size: int) -> None:
         endpointer = await self._endpointer_for_stream(size // 2)
-        await self._apply_vad_events(endpointer.push(pcm))
-        await self._maybe_barge_in(endpointer)
+        vad_events = endpointer.push(pcm)
+        # The policy sees this chunk's windows before an utterance it ends is handled: speech that met the
+        # policy interrupts the response first, and the utterance then becomes the next turn.
+        ends = [i for i, e in enumerate(vad_events) if isinstance(e, SpeechEnd)]
+        split = ends[0] if ends else len(vad_events)
+        await self._apply_vad_events(vad_events[:split])
+        await self._apply_policy(endpointer)
+        await self._apply_vad_events(vad_events[split:])
+
+    async def _apply_policy(self, endpointer: Endpointer) -> None:
+        policy = self._policy
+        if policy is None:
+            return
+        window_ms = endpointer.window * 1000.0 / SAMPLE_RATE
+        for end_ms, probability in endpointer.windows:
+            decision = policy.feed(
+                probability,
+                end_ms=self._vad_base_ms + end_ms,
+                window_ms=window_ms,
+                assistant_speaking=self._active(),
+            )
+            if decision is not None and decision.kind == "interrupt" and self._response is not None:
+                await self._response.interrupt(
+                    "barge_in", trigger_audio_ms=decision.audio_ms, policy_met_ms=self._outbox.now_ms()
+                )
+        if self._active() and self._response is not None:
+            self._response.hold_output(policy.holding)
 
     async def _apply_vad_events(self, vad_events: list[SpeechStart | SpeechEnd]) -> None:
         for vad_event in vad_events:
@@ -417,21 +463,30 @@ class Conversation:
                 self._outbox.put(SpeechStopped(self._vad_base_ms + vad_event.audio_end_ms), turn_id=turn_id)
                 if vad_event.pcm is None:
                     continue  # shorter than the minimum utterance: noise
-                if self._active() and self._response is not None:
-                    await self._response.interrupt("barge_in")
+                if self._active():
+                    # The user talked over a response without meeting the barge-in policy (or barge-in
+                    # is off): not a turn (bargein.py).
+                    log.info("session %s: utterance during a response dropped", self.session.id)
+                    continue
                 await self._commit(audio=vad_event.pcm)
-
-    async def _maybe_barge_in(self, endpointer: Endpointer) -> None:
-        threshold = self._config.barge_in_min_speech_ms
-        if threshold and self._active() and endpointer.in_speech and endpointer.speech_ms >= threshold:
-            assert self._response is not None
-            await self._response.interrupt("barge_in")
 
     # ---- turns ----------------------------------------------------------------------------------
 
+    def _check_new_turn_allowed(self) -> None:
+        if self._active() and not self.session.settings.barge_in.enabled:
+            raise FailedPrecondition(
+                "a response is running and barge-in is disabled: interrupt it before sending a new turn"
+            )
+
+    async def _new_turn_may_start(self) -> None:
+        """A new turn while a response runs interrupts it (reason new_turn) if the barge-in policy is
+        enabled; else it is refused (FAILED_PRECONDITION)."""
+        self._check_new_turn_allowed()
+        if self._active() and self._response is not None:
+            await self._response.interrupt("new_turn")
+
     async def _commit(self, *, audio: np.ndarray | None = None) -> None:
-        if self._active():
-            raise FailedPrecondition("a response is running: interrupt it before committing a new turn")
+        self._check_new_turn_allowed()  # before anything pending is used up
         pending = self.session.pending
         if audio is None and pending.audio:
             pcm16 = bytes(pending.audio)
@@ -444,6 +499,7 @@ class Conversation:
         text = pending.text
         if not text and not pending.images and audio is None:
             raise FailedPrecondition("nothing to commit: send text, audio or an image first")
+        await self._new_turn_may_start()
         frames = self.session.recent_frames(
             self._config.frames_per_turn, now_s=self._clock(), max_age_s=self._config.frame_max_age_s
         )

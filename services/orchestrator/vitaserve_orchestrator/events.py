@@ -9,13 +9,14 @@ The event class decides delivery (as in pipecat's frame kinds):
   to one response; once that response is interrupted they are dropped, queued or not (`GATED_EVENTS`, the
   response id gate of `outbox.Outbox`);
 - every other event (speech started/stopped, interrupted, errors about a client event, ...) is always
-  delivered, in order.
+  delivered, in order, and never waits behind a response's paced audio (outbox.py, pacing.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vitaserve.models.prompt import Turn
 from vitaserve_orchestrator.session import SessionSettings, SettingsUpdate
 
 # ------------------------------------------------------------------------------------------------
@@ -105,6 +106,7 @@ class SessionStarted:
     resumed: bool
     settings: SessionSettings
     history_turns: int
+    history: tuple[Turn, ...] = ()  # what the next turn's prompt holds, oldest first
 
 
 @dataclass(frozen=True)
@@ -165,9 +167,14 @@ class ResponseDone:
 
 @dataclass(frozen=True)
 class Interrupted:
+    """`trigger_audio_ms` / `policy_met_ms` (barge_in only): the input audio offset at which the user's
+    speech met the policy, and the stream time (`Envelope.t_ms` clock) the server acted on it."""
+
     played_ms: int
     heard_text: str
-    reason: str  # "client" | "barge_in"
+    reason: str  # "client" | "barge_in" | "new_turn"
+    trigger_audio_ms: int = 0
+    policy_met_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -198,7 +205,8 @@ GATED_EVENTS = (*DATA_EVENTS, ErrorEvent)
 
 @dataclass(frozen=True)
 class Envelope:
-    """A server event with its routing ids. `t_ms`: milliseconds since the stream opened."""
+    """A server event with its routing ids. `t_ms`: milliseconds since the stream opened, when it was put
+    in the outbox (and, once sent, when it was handed to the transport)."""
 
     event: ServerEvent
     session_id: str

@@ -26,8 +26,10 @@ from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.api.v1 import orchestrator_pb2_grpc as pb_grpc
 from vitaserve.components.base import ComponentClient
 from vitaserve.errors import InvalidInput, VitaserveError
+from vitaserve.models.prompt import STATE_MARKS, Turn
 from vitaserve_orchestrator import events as ev
 from vitaserve_orchestrator.auth import Authenticator, Tenant
+from vitaserve_orchestrator.bargein import BargeInConfig, BargeInUpdate
 from vitaserve_orchestrator.conversation import Conversation
 from vitaserve_orchestrator.grpc_errors import abort
 from vitaserve_orchestrator.outbox import Outbox
@@ -42,6 +44,16 @@ log = logging.getLogger(__name__)
 # protobuf -> domain
 
 
+def barge_in_from_proto(msg: pb.BargeInSettings) -> BargeInUpdate:
+    return BargeInUpdate(
+        enabled=msg.enabled if msg.HasField("enabled") else None,
+        threshold=msg.threshold,
+        min_speech_ms=msg.min_speech_ms if msg.HasField("min_speech_ms") else None,
+        in_flight=msg.in_flight,
+        resume_silence_ms=msg.resume_silence_ms,
+    )
+
+
 def settings_from_proto(msg: pb.SessionSettings) -> SettingsUpdate:
     return SettingsUpdate(
         turn_detection=msg.turn_detection,
@@ -54,6 +66,8 @@ def settings_from_proto(msg: pb.SessionSettings) -> SettingsUpdate:
         seed=msg.seed,
         system_prompt=msg.system_prompt,
         text_only=msg.text_only,
+        barge_in=barge_in_from_proto(msg.barge_in) if msg.HasField("barge_in") else None,
+        playout_lead_ms=msg.playout_lead_ms if msg.HasField("playout_lead_ms") else None,
     )
 
 
@@ -95,6 +109,21 @@ def client_event_from_proto(msg: pb.ClientEvent) -> ev.ClientEvent:
 # domain -> protobuf
 
 
+def barge_in_to_proto(b: BargeInConfig) -> pb.BargeInSettings:
+    return pb.BargeInSettings(
+        enabled=b.enabled,
+        threshold=b.threshold,
+        min_speech_ms=b.min_speech_ms,
+        in_flight=b.in_flight,
+        resume_silence_ms=b.resume_silence_ms,
+    )
+
+
+def history_to_proto(turn: Turn) -> pb.HistoryTurn:
+    mark = turn.assistant[:1] if turn.assistant[:1] in STATE_MARKS else ""
+    return pb.HistoryTurn(user=turn.user, assistant=turn.assistant[len(mark) :], state_mark=mark)
+
+
 def settings_to_proto(s: SessionSettings) -> pb.SessionSettings:
     return pb.SessionSettings(
         turn_detection=s.turn_detection,
@@ -107,6 +136,8 @@ def settings_to_proto(s: SessionSettings) -> pb.SessionSettings:
         seed=s.seed or 0,
         system_prompt=s.system_prompt or "",
         text_only=not s.speech_out,
+        barge_in=barge_in_to_proto(s.barge_in),
+        playout_lead_ms=s.playout_lead_ms,
     )
 
 
@@ -118,7 +149,10 @@ def server_event_to_proto(env: ev.Envelope) -> pb.ServerEvent:
     if isinstance(e, ev.SessionStarted):
         out.session_started.CopyFrom(
             pb.SessionStarted(
-                resumed=e.resumed, settings=settings_to_proto(e.settings), history_turns=e.history_turns
+                resumed=e.resumed,
+                settings=settings_to_proto(e.settings),
+                history_turns=e.history_turns,
+                history=[history_to_proto(t) for t in e.history],
             )
         )
     elif isinstance(e, ev.SpeechStarted):
@@ -158,7 +192,13 @@ def server_event_to_proto(env: ev.Envelope) -> pb.ServerEvent:
         )
     elif isinstance(e, ev.Interrupted):
         out.interrupted.CopyFrom(
-            pb.Interrupted(played_ms=e.played_ms, heard_text=e.heard_text, reason=e.reason)
+            pb.Interrupted(
+                played_ms=e.played_ms,
+                heard_text=e.heard_text,
+                reason=e.reason,
+                trigger_audio_ms=e.trigger_audio_ms,
+                policy_met_ms=e.policy_met_ms,
+            )
         )
     elif isinstance(e, ev.ErrorEvent):
         out.error.CopyFrom(
@@ -212,7 +252,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         if first is None or first.WhichOneof("event") != "session_update":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first event must be session_update")
 
-        outbox = Outbox(clock=self._clock)
+        outbox = Outbox(clock=self._clock)  # pacing: each response brings its session's playout lead
         try:
             tenant.check_message(first.ByteSize())
             update = client_event_from_proto(first)

@@ -52,6 +52,7 @@ from typing import Any
 from vitaserve.components.base import ImageInput
 from vitaserve.errors import Aborted, InvalidInput, NotFound, ResourceExhausted, VitaserveError
 from vitaserve.models.prompt import Turn, check_text
+from vitaserve_orchestrator.bargein import BargeInConfig, BargeInUpdate
 from vitaserve_orchestrator.settings import OrchestratorSettings
 
 IMAGE_MARKER = "[image]"
@@ -78,6 +79,8 @@ class SettingsUpdate:
     seed: int = 0
     system_prompt: str = ""
     text_only: bool = False
+    barge_in: BargeInUpdate | None = None
+    playout_lead_ms: int | None = None  # None = the server default
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,8 @@ class SessionSettings:
     speech_out: synthesise spoken replies. Only `text_only` turns it off: the API's `want_audio` is a
       proto3 bool, so "false" cannot be told apart from "unset", and speech is the default.
     seed: None = a fresh random seed per reply. system_prompt: None = the model's default for the media.
+    barge_in: the interruption policy (bargein.py). playout_lead_ms: how far ahead of real time reply audio
+      is sent (pacing.py).
     """
 
     turn_detection: str
@@ -98,6 +103,13 @@ class SessionSettings:
     temperature: float
     seed: int | None
     system_prompt: str | None
+    barge_in: BargeInConfig = field(default_factory=BargeInConfig)
+    playout_lead_ms: int = 300
+
+    def __post_init__(self) -> None:
+        # A store that keeps settings as plain data (e.g. JSON) hands the policy back as a dict.
+        if isinstance(self.barge_in, dict):
+            object.__setattr__(self, "barge_in", BargeInConfig(**self.barge_in))
 
     @classmethod
     def resolve(cls, update: SettingsUpdate | None, config: OrchestratorSettings) -> SessionSettings:
@@ -121,6 +133,9 @@ class SessionSettings:
         for name in ("vad_min_silence_ms", "vad_min_utterance_ms"):
             if getattr(u, name) > 60_000:
                 raise InvalidInput(f"{name} must be <= 60000")
+        lead = config.playout_lead_ms if u.playout_lead_ms is None else u.playout_lead_ms
+        if not 0 <= lead <= 3_600_000:
+            raise InvalidInput(f"playout_lead_ms must be in 0..3600000, got {lead}")
         return cls(
             turn_detection=mode,
             vad_threshold=threshold,
@@ -131,6 +146,8 @@ class SessionSettings:
             temperature=u.temperature,
             seed=u.seed or None,
             system_prompt=u.system_prompt or None,
+            barge_in=BargeInConfig.resolve(u.barge_in, config),
+            playout_lead_ms=lead,
         )
 
 
@@ -263,7 +280,8 @@ def session_from_record(raw: str | bytes, *, frames_kept: int, epoch: int = 0) -
                 f"session record version {version!r} is newer than this replica reads ({RECORD_VERSION})"
             )
         values = record["settings"]
-        settings = SessionSettings(**{name: values[name] for name in _SETTINGS_FIELDS})
+        # A record written before a settings field existed reads with that field's default.
+        settings = SessionSettings(**{name: values[name] for name in _SETTINGS_FIELDS if name in values})
         return Session(
             id=str(record["id"]),
             settings=settings,

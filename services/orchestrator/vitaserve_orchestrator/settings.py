@@ -100,10 +100,48 @@ class OrchestratorSettings(BaseSettings):
     vad_min_utterance_ms: int = Field(
         1000, ge=0, description="Utterances shorter than this (pads included) are discarded as noise."
     )
+
+    # --- barge-in policy (bargein.py; sessions override each through SessionSettings.barge_in) -----------
+    barge_in_enabled: bool = Field(
+        True,
+        description="User speech may interrupt a response (VAD sessions), and a new turn interrupts a "
+        "running response (reason new_turn); false: neither (a new turn is FAILED_PRECONDITION).",
+    )
+    barge_in_threshold: float = Field(
+        0.7, gt=0, lt=1, description="VAD speech probability that counts as interrupting speech."
+    )
     barge_in_min_speech_ms: int = Field(
         500,
         ge=0,
-        description="VAD sessions: user speech this long interrupts a running response (0 = never).",
+        le=10_000,
+        description="User speech this long (short gaps included) interrupts a running response; shorter "
+        "speech (a backchannel) does not (0 = the first speech window interrupts).",
+    )
+    barge_in_in_flight: Literal["pause", "continue"] = Field(
+        "pause",
+        description="Reply audio while the user may be interrupting: 'pause' holds it (it resumes where it "
+        "stopped after a false interruption), 'continue' keeps sending (a client may duck on "
+        "speech_started). After a real interruption the rest is dropped either way.",
+    )
+    barge_in_resume_silence_ms: int = Field(
+        300,
+        ge=32,
+        le=10_000,
+        description="Silence that ends speech shorter than the minimum: a false interruption, the paused "
+        "reply resumes.",
+    )
+
+    # --- paced output (pacing.py) ------------------------------------------------------------------
+    playout_lead_ms: int = Field(
+        300,
+        ge=0,
+        le=3_600_000,
+        description="Reply audio is sent no faster than real time plus this lead (the client's playback "
+        "buffer), so the server knows what the client has heard. Sessions may set their own "
+        "(SessionSettings.playout_lead_ms).",
+    )
+    playout_frame_ms: int = Field(
+        100, ge=10, le=1000, description="Reply audio is sent in frames of at most this duration."
     )
 
     # --- camera frames ----------------------------------------------------------------------------------

@@ -10,17 +10,20 @@
 3. generate: the LLM streams tokens; the leading state mark is stripped on the fly (`ReplyCleaner`). A ☟
    (noise) reply is stopped at once and produces no text and no audio, only a done event with mark ☟;
 4. speak: text deltas are sent in order and cut into sentences (`TextSegmenter`); a concurrent task
-   synthesises the segments one after the other while the LLM goes on, each audio chunk carrying its
-   segment's text span, a running `seq` and `start_ms`;
+   synthesises the segments one after the other while the LLM goes on; its audio is cut into frames of at
+   most `audio_frame_ms` (the outbox paces them, pacing.py), each carrying its segment's text span, a
+   running `seq` and `start_ms`;
 5. done: `ResponseDone` with the timings (from the commit: encode, first token, first audio queued,
    total; tokens, audio ms).
 
 A response ends with exactly one of `ResponseDone`, `Interrupted` or `ErrorEvent`, and counts as
 finished once that event was handed to the transport (or at the interruption). Interruption closes the
-response id gate of the `Outbox` first (no data event of this response is sent afterwards), then cancels
-the task, which closes the LLM and speech iterators; `Interrupted` reports the audio sent so far and the
-reply text aligned to it. Component errors end the turn with an `ErrorEvent` (a stuck component becomes
-`UNAVAILABLE` after its timeout); the session stays usable.
+response id gate of the `Outbox` first (no data event of this response is sent afterwards), emits
+`Interrupted` with the audio the client played (the paced playout's estimate, or its own report) and the
+reply text aligned to it, then cancels the task, which closes the LLM and speech iterators. While the
+barge-in policy holds the response (`hold_output`), its audio waits in the outbox; generation goes on.
+Component errors end the turn with an `ErrorEvent` (a stuck component becomes `UNAVAILABLE` after its
+timeout); the session stays usable.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from vitaserve_orchestrator.events import (
     Timings,
 )
 from vitaserve_orchestrator.outbox import Outbox, Playout
+from vitaserve_orchestrator.pacing import split_frames
 from vitaserve_orchestrator.session import SessionSettings
 from vitaserve_orchestrator.settings import OrchestratorSettings
 from vitaserve_orchestrator.tasks import cancel_and_wait
@@ -83,6 +87,7 @@ class PipelineLimits:
     token_timeout_s: float = 30.0
     speech_timeout_s: float = 30.0
     cancel_timeout_s: float = 2.0
+    audio_frame_ms: int = 100  # reply audio is queued in frames of at most this duration (pacing)
 
     @classmethod
     def from_settings(cls, config: OrchestratorSettings) -> PipelineLimits:
@@ -92,6 +97,7 @@ class PipelineLimits:
             config.token_timeout_s,
             config.speech_timeout_s,
             config.cancel_timeout_s,
+            config.playout_frame_ms,
         )
 
 
@@ -242,7 +248,7 @@ class Response:
         self.turn_id = turn_id
         self.session_id = session_id
         self.turn = turn
-        self.playout = Playout()
+        self.playout = Playout(settings.playout_lead_ms, clock=clock)
         self._components = components
         self._outbox = outbox
         self._history = list(history)
@@ -290,14 +296,32 @@ class Response:
         assert self._outcome is not None
         return self._outcome
 
-    async def interrupt(self, reason: str) -> bool:
-        """Stop this response at every hop; emits `Interrupted`. False if it had already finished."""
+    async def interrupt(
+        self, reason: str, *, trigger_audio_ms: float = 0, policy_met_ms: float = 0.0
+    ) -> bool:
+        """Stop this response at every hop; emits `Interrupted` (at once: it never waits for the streams to
+        close). False if it had already finished. `trigger_audio_ms` / `policy_met_ms`: see `Interrupted`."""
         if self.finished:
             return False
         played, heard = self._stop_output()
+        self._emit(
+            Interrupted(
+                played_ms=int(round(played)),
+                heard_text=heard,
+                reason=reason,
+                trigger_audio_ms=int(round(trigger_audio_ms)),
+                policy_met_ms=policy_met_ms,
+            )
+        )
         await self._cancel_task()
-        self._emit(Interrupted(played_ms=int(round(played)), heard_text=heard, reason=reason))
         return True
+
+    def hold_output(self, held: bool) -> None:
+        """Hold (True) or release this response's audio in the outbox; text and generation go on."""
+        if self.finished or self.playout.held == held:
+            return
+        self.playout.held = held
+        self._outbox.kick()
 
     async def aclose(self) -> None:
         """Stop without telling the client (the stream is closing); history keeps what was sent."""
@@ -525,24 +549,27 @@ class Response:
                         continue
                     if chunk.sample_rate <= 0:
                         raise VitaserveError(f"speech_synth returned sample rate {chunk.sample_rate}")
-                    duration = pcm.size * 1000.0 / chunk.sample_rate
-                    self._emit(
-                        AudioOut(
-                            pcm16=pcm_to_int16(pcm).astype("<i2", copy=False).tobytes(),
-                            sample_rate=int(chunk.sample_rate),
-                            text_start=seg.start,
-                            text_end=seg.end,
-                            seq=self._seq,
-                            start_ms=int(round(self._audio_ms)),
-                            duration_ms=duration,
-                            segment=index,
+                    rate = int(chunk.sample_rate)
+                    pcm16 = pcm_to_int16(pcm).astype("<i2", copy=False).tobytes()
+                    for frame in split_frames(pcm16, rate, self._limits.audio_frame_ms):
+                        duration = len(frame) / 2 * 1000.0 / rate
+                        self._emit(
+                            AudioOut(
+                                pcm16=frame,
+                                sample_rate=rate,
+                                text_start=seg.start,
+                                text_end=seg.end,
+                                seq=self._seq,
+                                start_ms=int(round(self._audio_ms)),
+                                duration_ms=duration,
+                                segment=index,
+                            )
                         )
-                    )
-                    if self._first_audio_ms is None:
-                        self._first_audio_ms = self._ms_since_commit()
-                    self._seq += 1
-                    self._audio_ms += duration
-                    seg_ms += duration
+                        if self._first_audio_ms is None:
+                            self._first_audio_ms = self._ms_since_commit()
+                        self._seq += 1
+                        self._audio_ms += duration
+                        seg_ms += duration
             finally:
                 await _aclose(stream, self._limits.cancel_timeout_s)
             self.playout.segment_finished(index, seg_ms)

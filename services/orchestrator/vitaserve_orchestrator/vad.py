@@ -15,7 +15,8 @@ instance serves one audio stream.
   carries no PCM;
 - an utterance reaching `max_utterance_ms` ends there (bounded memory; the rest starts a new one).
 Offsets are milliseconds of the audio pushed since the endpointer was created (or reset). Results do not
-depend on how the audio is cut into chunks.
+depend on how the audio is cut into chunks. `windows` lists the probabilities of the last push's windows
+(the barge-in policy, bargein.py, reads the same VAD output with its own threshold).
 """
 
 from __future__ import annotations
@@ -136,6 +137,8 @@ class Endpointer:
         self._temp_end: int | None = None  # sample offset where the current silence began
         self._utterance: list[np.ndarray] = []
         self._utterance_len = 0
+        # (end offset ms, speech probability) of each window of the last `push`, for the barge-in policy.
+        self.windows: list[tuple[int, float]] = []
 
     @property
     def in_speech(self) -> bool:
@@ -159,9 +162,12 @@ class Endpointer:
         data = np.concatenate([self._carry, pcm]) if self._carry.size else pcm
         n_windows = data.size // self.window
         events: list[VadEvent] = []
+        self.windows = []
         for k in range(n_windows):
             window = data[k * self.window : (k + 1) * self.window]
-            event = self._step(window, self.model.probability(window))
+            prob = self.model.probability(window)
+            event = self._step(window, prob)
+            self.windows.append((_ms(self._processed), prob))
             if event is not None:
                 events.append(event)
         self._carry = data[n_windows * self.window :].copy()
