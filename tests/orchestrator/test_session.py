@@ -136,3 +136,27 @@ def test_build_components_follows_the_backend() -> None:
     assert isinstance(client, TritonComponents)
     assert client.urls == {"vision_encoder": "triton:8001", "audio_encoder": "triton:8001",
                            "llm_decoder": "llm:8001", "speech_synth": "triton:8001"}
+
+
+def test_record_round_trip_keeps_the_barge_in_policy_and_reads_older_records() -> None:
+    import json
+    from dataclasses import replace
+
+    from vitaserve_orchestrator.bargein import BargeInConfig
+    from vitaserve_orchestrator.session import Session, session_from_record, session_to_record
+
+    settings = replace(
+        SessionSettings.resolve(None, make_config()),
+        barge_in=BargeInConfig(enabled=True, threshold=0.6, min_speech_ms=800, in_flight="continue"),
+        playout_lead_ms=120,
+    )
+    session = Session(id="sess-1", settings=settings, tenant="acme", turns=2,
+                      history=[Turn(user="[spoken question]", assistant="☞hello")])
+    back = session_from_record(session_to_record(session), frames_kept=4)
+    assert back.settings == settings and isinstance(back.settings.barge_in, BargeInConfig)
+    assert back.history == session.history and back.tenant == "acme" and back.turns == 2
+    # a record written before the barge-in fields existed reads with their defaults
+    record = json.loads(session_to_record(session))
+    del record["settings"]["barge_in"], record["settings"]["playout_lead_ms"]
+    older = session_from_record(json.dumps(record), frames_kept=4)
+    assert older.settings.barge_in == BargeInConfig() and older.settings.temperature == settings.temperature
