@@ -161,12 +161,15 @@ class BatchEngine:
     """Continuous batching over `model` (a `vitaserve.models.llm.VitaLLM`); see the module docstring.
 
     start: run the engine thread (False: the caller drives `step()`, as unit tests do).
+    after_step: called on the engine thread after every step (e.g. to hand that step's responses to
+        sender threads at once rather than waking them once per token).
     """
 
     def __init__(self, model: Any, config: EngineConfig | None = None, *, start: bool = True,
-                 name: str = "llm-engine") -> None:
+                 name: str = "llm-engine", after_step: Callable[[], None] | None = None) -> None:
         self.model = model
         self.config = config or EngineConfig()
+        self._after_step = after_step
         self.max_positions = int(model.config.max_position_embeddings)
         budget = self.config.budget_tokens(model.config, model.dtype)
         self.pool = KVPool(model.config, budget, block_size=self.config.kv_block_size,
@@ -245,6 +248,9 @@ class BatchEngine:
                 traceback.print_exc()
                 for request in list(self._running):
                     self._finish(request, "error", VitaserveError("the LLM engine failed; see the server log"))
+            finally:
+                if self._after_step is not None:
+                    self._after_step()
 
     def close(self) -> None:
         """Stop the engine thread after its current step; every unfinished request ends with Unavailable."""

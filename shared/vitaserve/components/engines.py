@@ -236,8 +236,10 @@ class LLMEngine:
     """
 
     def __init__(self, checkpoint: CheckpointDir, *, dtype: str = "float32", device: str = "cpu",
-                 engine_config: EngineConfig | None = None) -> None:
+                 engine_config: EngineConfig | None = None,
+                 after_step: Callable[[], None] | None = None) -> None:
         self.model = checkpoint.load_llm(dtype, device)
+        self._after_step = after_step
         self.tokenizer = LockedTokenizer(checkpoint.tokenizer())
         self.hidden_size = int(self.model.config.hidden_size)
         self.stop_ids = self._stop_ids(checkpoint.raw_config)
@@ -256,7 +258,7 @@ class LLMEngine:
     def batcher(self) -> BatchEngine:
         with self._batcher_lock:
             if self._batcher is None:
-                self._batcher = BatchEngine(self.model, self.engine_config)
+                self._batcher = BatchEngine(self.model, self.engine_config, after_step=self._after_step)
             return self._batcher
 
     def close(self) -> None:

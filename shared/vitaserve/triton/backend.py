@@ -280,34 +280,61 @@ class StreamWorkers:
 class ResponseDispatcher:
     """Threads that send the responses of every `DecoupledStream` of a model.
 
-    A send waits for Triton's IPC round trip (about 0.1-0.5 ms on a CPU host), with the GIL released, so
+    A send waits for Triton's IPC round trip (0.1-0.5 ms on a CPU host) with the GIL released, so
     `threads` senders overlap those waits; each stream is pinned to one thread, which keeps its responses
-    in order.
+    in order. Responses posted on the engine thread are held until its `flush()` (called after every
+    engine step) and handed over in one piece per sender thread: waking a sender once per token makes it
+    fight the engine thread for the GIL at every torch call (measured: several times slower steps).
     """
 
-    def __init__(self, model: str, threads: int = 4) -> None:
+    def __init__(self, model: str, threads: int = 2) -> None:
         self.model = model
         self._queues: list[queue.SimpleQueue[Callable[[], None] | None]] = [
             queue.SimpleQueue() for _ in range(threads)]
         self._threads = [threading.Thread(target=self._run, args=(q,), name=f"{model}-responses-{i}",
                                           daemon=True) for i, q in enumerate(self._queues)]
         self._next = 0
+        self._engine_thread: int | None = None
+        self._held: dict[int, list[Callable[[], None]]] = {}
         for thread in self._threads:
             thread.start()
 
     def open(self, request: Any) -> DecoupledStream:
         self._next = (self._next + 1) % len(self._queues)
-        return DecoupledStream(self, request, self._queues[self._next])
+        return DecoupledStream(self, request, self._next)
+
+    def post(self, index: int, fn: Callable[[], None]) -> None:
+        if threading.get_ident() == self._engine_thread:
+            self._held.setdefault(index, []).append(fn)
+        else:
+            self._queues[index].put(fn)
+
+    def flush(self) -> None:
+        """On the engine thread, after a step: hand what it posted to the sender threads."""
+        self._engine_thread = threading.get_ident()
+        held, self._held = self._held, {}
+        for index, fns in held.items():
+            self._queues[index].put(lambda fns=fns: self._run_all(fns))
+
+    def _run_all(self, fns: list[Callable[[], None]]) -> None:
+        for fn in fns:
+            self._call(fn)
+
+    def _call(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - one broken response must not stop the others
+            _pb().Logger.log_error(f"{self.model}: sending a response failed: {exc}")
 
     def _run(self, work: queue.SimpleQueue[Callable[[], None] | None]) -> None:
         while (fn := work.get()) is not None:
-            try:
-                fn()
-            except Exception as exc:  # noqa: BLE001 - one broken response must not stop the others
-                _pb().Logger.log_error(f"{self.model}: sending a response failed: {exc}")
+            self._call(fn)
 
     def shutdown(self) -> None:
         """Send everything already posted, then stop the threads."""
+        held, self._held = self._held, {}  # the engine thread has stopped: nothing is added any more
+        for index, fns in held.items():
+            self._queues[index].put(lambda fns=fns: self._run_all(fns))
         for work in self._queues:
             work.put(None)
         for thread in self._threads:
@@ -326,10 +353,9 @@ class DecoupledStream:
 
     cancel_poll_s = 0.01
 
-    def __init__(self, dispatcher: ResponseDispatcher, request: Any,
-                 work: queue.SimpleQueue[Callable[[], None] | None]) -> None:
+    def __init__(self, dispatcher: ResponseDispatcher, request: Any, index: int) -> None:
         self._dispatcher = dispatcher
-        self._work = work
+        self._index = index
         self._polled_at = 0.0
         self._cancelled = False
         self._request: Any = request  # held until closed: Triton owns it while responses may follow
@@ -349,11 +375,11 @@ class DecoupledStream:
         return self._cancelled
 
     def post(self, make: Callable[[], Any]) -> None:
-        self._work.put(lambda: self._send(make))
+        self._dispatcher.post(self._index, lambda: self._send(make))
 
     def close(self, *, outcome: str = "done", error: BaseException | None = None, note: str = "") -> None:
         """Send the final flag (after everything posted before); `note` is appended to the log line."""
-        self._work.put(lambda: self._close(outcome, error, note))
+        self._dispatcher.post(self._index, lambda: self._close(outcome, error, note))
 
     def _send(self, make: Callable[[], Any]) -> None:
         if self._closed:

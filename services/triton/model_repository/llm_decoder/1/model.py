@@ -64,13 +64,14 @@ class TritonPythonModel:
             config = EngineConfig.from_parameters(settings.params)
         except ValueError as exc:
             raise RuntimeError(f"model {SPEC.name!r}: {exc}") from None
+        self.responses = backend.ResponseDispatcher(SPEC.name)
+        # after each engine step, that step's responses go to the sender threads in one hand-over
         self.engine = LLMEngine(CheckpointDir(settings.checkpoint_dir), dtype=settings.dtype,
-                                device=settings.device, engine_config=config)
+                                device=settings.device, engine_config=config, after_step=self.responses.flush)
         batcher = self.engine.batcher  # allocates the KV pool now: a budget that does not fit fails the load
         pb_utils.Logger.log_info(f"{SPEC.name}: KV pool {batcher.pool.capacity_tokens} tokens "
                                  f"({batcher.pool.bytes / 2**20:.1f} MiB), {config}")
         self.detokenizer = lambda: StreamDetokenizer(self.engine.tokenizer)
-        self.responses = backend.ResponseDispatcher(SPEC.name)
 
     def execute(self, requests):
         for request in requests:
