@@ -19,15 +19,14 @@ processes. Figures (client clock, ms, percentiles over the interruptions):
 - interrupted_ms: policy moment -> the `interrupted` event reaching the client (includes the chunk's
   transit to the server, the VAD, the gate, and the event's transit back);
 - frames_after_policy: audio chunks of cancelled responses that arrived after the policy moment (total).
-`lost_history_turns` comes from bench/replica_kill.py (the replica-kill scenario) when that file exists; null
-otherwise.
+`lost_history_turns` comes from the replica-kill scenario of bench/replica_kill.py (Redis, two orchestrator
+replicas, SIGKILL mid-conversation, reconnect), run on the same Triton.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import inspect
 import json
 import random
 import statistics
@@ -40,6 +39,9 @@ from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.client import Conversation, read_wav_16k
 from vitaserve.models.tiny import write_tiny_checkpoint
 from vitaserve.stack import REPO_ROOT, LocalStack
+
+sys.path.insert(0, str(Path(__file__).parent))
+from replica_kill import lost_history_turns  # noqa: E402 - the replica-kill scenario, a bench of its own
 
 SPEECH = REPO_ROOT / "tests" / "orchestrator" / "data" / "speech_question.wav"
 CHUNK_MS = 20
@@ -137,24 +139,6 @@ async def run_bench(address: str, n: int, in_flight: str, seed: int) -> list[dic
     return rows
 
 
-def lost_history_turns(checkpoint: Path, work_dir: Path) -> tuple[int | None, str]:
-    """The replica-kill figure from bench/replica_kill.py, if that scenario exists in this tree."""
-    path = Path(__file__).with_name("replica_kill.py")
-    if not path.exists():
-        return None, "bench/replica_kill.py not present in this tree"
-    sys.path.insert(0, str(path.parent))
-    from replica_kill import lost_history_turns as scenario  # optional: another area's bench
-
-    offered = {"checkpoint": checkpoint, "checkpoint_dir": checkpoint, "work_dir": work_dir}
-    params = inspect.signature(scenario).parameters
-    kwargs = {name: offered[name] for name in params if name in offered}
-    missing = [p.name for p in params.values() if p.default is p.empty and p.name not in kwargs
-               and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-    if missing:
-        return None, f"replica_kill.lost_history_turns needs {missing}: not called"
-    return int(scenario(**kwargs)), "bench/replica_kill.py"
-
-
 def pct(values: list[float], q: int) -> float:
     if len(values) == 1:
         return round(values[0], 2)
@@ -172,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-replica-kill", action="store_true")
     args = parser.parse_args(argv)
 
+    lost = None  # not measured with --address (a running orchestrator) or --skip-replica-kill
     with tempfile.TemporaryDirectory(prefix="vitaserve-bench-") as tmp:
         checkpoint = write_tiny_checkpoint(Path(tmp) / "ckpt", seed=0)
         if args.address:
@@ -180,10 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             with LocalStack(checkpoint, work_dir=Path(tmp) / "stack") as stack:
                 rows = asyncio.run(run_bench(stack.orchestrator_address, args.interruptions, args.in_flight,
                                              args.seed))
-        if args.skip_replica_kill:
-            lost, lost_note = None, "skipped (--skip-replica-kill)"
-        else:
-            lost, lost_note = lost_history_turns(checkpoint, Path(tmp) / "replica_kill")
+                if not args.skip_replica_kill:
+                    lost = lost_history_turns(checkpoint, triton_url=stack.triton_url,
+                                              work_dir=Path(tmp) / "replica_kill")
     stop = [max(0.0, r["stop_raw_ms"]) for r in rows]
     raw = [r["stop_raw_ms"] for r in rows]
     intr = [r["interrupted_ms"] for r in rows]
@@ -200,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
         "frames_after_policy": int(sum(r["frames_after_policy"] for r in rows)),
         "played_ms_p50": pct([r["played_ms"] for r in rows], 50),
         "lost_history_turns": lost,
-        "lost_history_turns_source": lost_note,
     }
     if args.json:
         print(json.dumps(result))
