@@ -106,7 +106,9 @@ def test_sigterm_mid_turn_lets_the_turn_finish_within_the_grace(tiny_checkpoint:
 
             call = pb_grpc.OrchestratorStub(channel).Converse(requests())
             await queue.put(pb.ClientEvent(session_update=pb.SessionUpdate(
-                settings=pb.SessionSettings(turn_detection="manual", max_reply_tokens=48))))
+                # unpaced (a lead of an hour): the tiny model's ~20 s of reply audio would play in real time
+                settings=pb.SessionSettings(turn_detection="manual", max_reply_tokens=48,
+                                            playout_lead_ms=3_600_000))))
             assert (await call.read()).WhichOneof("event") == "session_started"
             await queue.put(pb.ClientEvent(text=pb.TextInput(text="Tell me a long story.")))
             first = await asyncio.wait_for(call.read(), 30)
