@@ -176,3 +176,25 @@ def test_error_round_trip() -> None:
     internal = parse_error(format_error(VitaserveError("boom")))
     assert type(internal) is VitaserveError and internal.code == "INTERNAL"
     assert parse_error("Request for unknown model") is None
+
+
+def test_cancel_poll_asks_the_server_at_most_once_per_interval() -> None:
+    from vitaserve.triton.backend import CancelPoll
+
+    class Sender:
+        asks = 0
+        cancelled = False
+
+        def is_cancelled(self) -> bool:
+            self.asks += 1
+            return self.cancelled
+
+    sender = Sender()
+    poll = CancelPoll(sender, interval_s=3600)
+    assert [poll() for _ in range(1000)] == [False] * 1000
+    assert sender.asks == 1  # one IPC round trip, not a thousand
+    eager = CancelPoll(sender, interval_s=0)
+    sender.cancelled = True
+    assert eager() is True
+    sender.cancelled = False
+    assert eager() is True  # a cancellation is remembered

@@ -151,6 +151,29 @@ def test_llm_cancellation_reaches_the_model(server, make_prompt) -> None:
     assert line["outcome"] == "cancelled" and line["responses"] < 200, line
 
 
+def test_speech_cancellation_reaches_the_model(server) -> None:
+    # ~900 speech codes (the tiny decoder never emits EOS): seconds of work if never cancelled.
+    text = "one two three four five six seven eight nine ten " * 6
+
+    async def cancel_early(client: TritonComponents) -> float:
+        stream = aiter(client.synthesize(text, seed=3, request_id="speech-cancel"))
+        pending = asyncio.ensure_future(anext(stream, None))
+        await asyncio.sleep(0.3)  # mid-sentence: the first chunk may not even be final yet
+        pending.cancel()
+        await asyncio.gather(pending, return_exceptions=True)
+        await stream.aclose()
+        return time.monotonic()
+
+    started = time.monotonic()
+    closed_at = run(cancel_early, server.grpc_url)
+    line = log_line(server, "speech_synth", "speech-cancel")
+    assert line["outcome"] == "cancelled", line
+    # The model stopped within a few polls of the cancel, not at the end of the sentence.
+    seconds = float(re.search(r"speech_synth request_id='speech-cancel' .* seconds=([0-9.]+)",
+                              server.log_path.read_text(errors="replace")).group(1))
+    assert seconds < (closed_at - started) + 0.5, seconds
+
+
 def test_invalid_input_through_triton(server, images, make_prompt) -> None:
     async def calls(client: TritonComponents) -> list[VitaserveError]:
         errors = []
