@@ -8,11 +8,11 @@ item also asks for speech), run three times through the same Triton:
 - `items_per_min_1`: one worker with one pool process (job concurrency 2: one item at a time runs);
 - `items_per_min_2`: one worker with two pool processes (two items of the job in flight);
   both timed from the submission to the job's `done` (workers already up, wall clock);
-- kill-and-resume: two pool processes; once a third of the items are finished the worker and its children
-  get SIGKILL, a new worker starts, and the job finishes. `duplicates` counts extra lines of an item in
-  results.jsonl (and extra WAV files), `missing` the items without a line (or a WAV they should have).
-  Targets: both 0. `after_kill_s`: from the kill to the job's end (includes the redelivery wait: the
-  visibility timeout, then the lease of the items the dead worker had claimed).
+- kill-and-resume: two pool processes and beat (for the sweep); once a third of the items are finished the
+  worker and its children get SIGKILL, a new worker starts, and the job finishes. `duplicates` counts extra
+  lines of an item in results.jsonl (and extra WAV files), `missing` the items without a line (or a WAV
+  they should have). Targets: both 0. `after_kill_s`: from the kill to the job's end (includes the
+  redelivery wait: the visibility timeout; a message the transport lost waits for the sweep).
 
 Numbers on a shared CPU are distorted by whatever else runs; report them as such.
 """
@@ -32,14 +32,14 @@ from vitaserve.models.tiny import write_tiny_checkpoint
 from vitaserve.stack import MODEL_REPOSITORY, REPO_ROOT
 from vitaserve.triton.backend import ENV_CHECKPOINT_DIR
 from vitaserve.triton.launcher import TritonServer
-from vitaserve_batch.harness import CeleryWorker, RedisServer, batch_env, wait_for, write_manifest
+from vitaserve_batch.harness import CeleryBeat, CeleryWorker, RedisServer, batch_env, wait_for, write_manifest
 from vitaserve_batch.spec import JobSpec, create_job
 from vitaserve_batch.results import read_results
 from vitaserve_batch.store import JobStore
 
 EXAMPLES = REPO_ROOT / "examples" / "media"
 SETTINGS = {"visibility_timeout_s": 5, "redelivery_check_s": 1, "item_lease_s": 15, "item_timeout_s": 12,
-            "encode_timeout_s": 10, "first_token_timeout_s": 10}
+            "encode_timeout_s": 10, "first_token_timeout_s": 10, "sweep_interval_s": 5, "stall_after_s": 30}
 
 
 def submit(store: JobStore, env: dict[str, str], job_id: str, manifest: Path, out: Path) -> None:
@@ -74,6 +74,9 @@ def timed_run(store: JobStore, env: dict[str, str], work: Path, name: str, manif
 def kill_and_resume(store: JobStore, env: dict[str, str], work: Path, manifest: Path, ids: list[str],
                     audio_ids: set[str]) -> dict[str, float | int]:
     name = "kill-resume"
+    (work / "beat").mkdir(exist_ok=True)
+    # beat runs the sweep that re-sends messages the Redis transport lost with the killed worker.
+    beat = CeleryBeat(env, work_dir=work / "beat").start()
     first = CeleryWorker(env, log_path=work / f"{name}-1.log", concurrency=2).start().wait_ready()
     try:
         submit(store, env, name, manifest, work / name)
@@ -87,6 +90,7 @@ def kill_and_resume(store: JobStore, env: dict[str, str], work: Path, manifest: 
         second.wait_ready()
         wait_for(lambda: finished(store, name), 3600, name, on_timeout=second.log_tail, interval_s=0.1)
         after_kill = time.monotonic() - killed_at
+    beat.stop()
     rows = read_results(work / name)
     lines = Counter(r["id"] for r in rows)
     wavs = Counter(p.name for p in (work / name / "audio").iterdir()) if (work / name / "audio").exists() \

@@ -3,7 +3,7 @@
 
 Workers are configured through the environment exactly as in production (`VITASERVE_BATCH_*`), with short
 timeouts so crash recovery takes seconds: visibility timeout 4 s (redelivery of a dead worker's messages),
-checked every second, item lease 12 s."""
+checked every second, item lease 12 s, the sweep for lost messages every 2 s (stalled after 20 s)."""
 
 from __future__ import annotations
 
@@ -33,6 +33,8 @@ FAST = {
     "retry_backoff_s": 0.2,
     "retry_backoff_max_s": 1.0,
     "default_max_tokens": 8,
+    "sweep_interval_s": 2,
+    "stall_after_s": 20,
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import socket
 import subprocess
 import uuid
@@ -15,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from vitaserve_batch.harness import free_port, write_manifest
-from vitaserve_batch.jobs import JobSpec, RetryLater, resume_job, run_item, start_job
+from vitaserve_batch.jobs import JobSpec, RetryLater, resume_job, run_item, start_job, sweep
 from vitaserve_batch.results import read_results
 from vitaserve_batch.runtime import WorkerRuntime
+from vitaserve_batch.spec import create_job
 from vitaserve_batch.settings import BatchSettings
 
 pytestmark = [pytest.mark.integration]
@@ -146,3 +148,35 @@ def test_cancelled_job_records_cancelled_items(rt: WorkerRuntime, tmp_path: Path
     assert set(sent.drain(rt)) == {"cancelled"}
     assert [r["status"] for r in read_results(tmp_path / "out")] == ["cancelled"] * 4
     assert rt.store.job(job_id)["status"] == "cancelled"
+
+
+def test_sweep_resends_lanes_and_starts_whose_messages_were_lost(rt: WorkerRuntime, tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "m.jsonl", [json.dumps({"id": f"i{k}"}) for k in range(5)])
+    job_id, sent = new_id(), Sent()
+    start_job(rt, job_id, JobSpec(out_dir=str(tmp_path / "out"), manifest=str(manifest), concurrency=2), sent)
+    job_id_, index = sent.queue.pop(0)
+    run_item(rt, job_id_, index, sent)  # lane 0: item 0 done, item 2 sent
+    sent.queue.clear()  # every message in flight is lost
+    sent.log.clear()
+    starts: list[str] = []
+
+    def send_start(job: str, spec: dict) -> None:
+        starts.append(job)
+
+    now = time.time()
+    assert sweep(rt.store, sent, send_start, stall_after_s=60, now=now) == {"lanes": 0, "starts": 0}
+    assert rt.store.claim(job_id, "i1", "somebody", 30)  # lane 1's item is being run: left alone
+    assert sweep(rt.store, sent, send_start, stall_after_s=60, now=now + 61) == {"lanes": 1, "starts": 0}
+    assert sent.log == [2]
+    assert sweep(rt.store, sent, send_start, stall_after_s=60, now=now + 62) == {"lanes": 0, "starts": 0}, \
+        "a lane just sent again waits another stall_after_s"
+    rt.store.r.delete(rt.store.key(job_id, "claim:i1"))
+    sent.queue.append((job_id, 1))
+    sent.drain(rt)
+    assert rt.store.job(job_id)["status"] == "done" and len(read_results(tmp_path / "out")) == 5
+    # A job whose start message was lost stays queued: its start is sent again.
+    lost = new_id()
+    create_job(rt.store, lost, JobSpec(out_dir=str(tmp_path / "o2"), manifest=str(manifest)),
+               default_concurrency=1, max_concurrency=4)
+    assert sweep(rt.store, sent, send_start, stall_after_s=60, now=time.time() + 61)["starts"] == 1
+    assert starts == [lost]

@@ -294,7 +294,7 @@ def test_cli_errors_are_messages_and_exit_codes(tmp_path: Path, capsys: pytest.C
         cli_main(["submit"])
 
 
-def test_cli_status_lists_recent_jobs(store, redis_server, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+def test_cli_status_lists_recent_jobs(store, redis_server, capsys) -> None:  # noqa: ANN001
     job = f"listed-{os.getpid()}-{id(capsys)}"
     store.create_job(job, {"out_dir": "/tmp/x", "concurrency": 1})
     store.update_job(job, total=4, started_at=1.0)

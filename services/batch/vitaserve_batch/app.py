@@ -8,7 +8,8 @@ Configuration comes from `BatchSettings` (environment variables, see `settings.p
   most one per process. When the whole worker dies (SIGKILL, node loss) its unacknowledged messages stay in
   Redis and another worker delivers them again once `visibility_timeout_s` has passed (checked every
   `redelivery_check_s`). Redelivery may run an item twice; `jobs.run_item` makes that harmless.
-- beat reads its entries from `schedules_file` (TOML, see `schedules.py`) when one is configured.
+- beat runs the sweep for stalled jobs every `sweep_interval_s` (`jobs.sweep`: messages the Redis transport
+  lost) and the entries of `schedules_file` (TOML, see `schedules.py`) when one is configured.
 - Each prefork child starts its event loop and clients at `worker_process_init` and closes them at
   `worker_process_shutdown`; the solo pool creates them at its first task and closes them at
   `worker_shutdown` (`runtime.py`). Nothing is created in a prefork parent, so no child inherits sockets.
@@ -51,10 +52,16 @@ def create_app(settings: BatchSettings) -> Celery:
         enable_utc=True,
         worker_hijack_root_logger=False,
     )
+    from vitaserve_batch.spec import SWEEP_TASK
+
+    # The sweep for stalled jobs always runs with beat; the recurring jobs come from the schedules file.
+    entries: dict[str, Any] = {"vitaserve-batch-sweep": {
+        "task": SWEEP_TASK, "schedule": settings.sweep_interval_s, "options": {"queue": settings.queue}}}
     if settings.schedules_file is not None:
         from vitaserve_batch.schedules import beat_schedule, load_schedules
 
-        app.conf.beat_schedule = beat_schedule(load_schedules(settings.schedules_file), queue=settings.queue)
+        entries.update(beat_schedule(load_schedules(settings.schedules_file), queue=settings.queue))
+    app.conf.beat_schedule = entries
     app.conf.vitaserve_settings = settings
     return app
 

@@ -18,6 +18,12 @@ twice in the normal case; a rare duplicate message is harmless, see below).
    to `max_retries`, then becomes the item's error;
 5. the result is recorded once (fenced by the claim), the WAV renamed into place, results.jsonl rewritten.
 
+Lost messages: the Redis transport pops a message (BRPOP) before it records it as unacknowledged, so a
+worker killed in that instant loses it, and a broker without persistence loses everything on restart. The
+lanes then stop. `sweep` (a beat task every `sweep_interval_s`) finds lanes whose next item has had no
+result, no claim and no new send for `stall_after_s`, and jobs still `queued` that long, and sends their
+task again; a duplicate is harmless, so the sweep errs on the side of sending.
+
 `RetryLater` tells the Celery task to retry (the task module turns it into `Task.retry`).
 """
 
@@ -105,6 +111,37 @@ def resume_job(store: JobStore, job_id: str, send: Send) -> int:
                 sent += 1
                 break
     return sent
+
+
+def sweep(store: JobStore, send: Send, send_start: Callable[[str, dict[str, Any]], None], *,
+          stall_after_s: float, now: float | None = None) -> dict[str, int]:
+    """Re-send the tasks of stalled lanes and of jobs stuck in `queued` (see the module docstring)."""
+    now = time.time() if now is None else now
+    resent = {"lanes": 0, "starts": 0}
+    for job_id in store.active_jobs():
+        job = store.job(job_id) or {}
+        if job.get("total") is None:
+            since = float(job.get("start_sent_at") or job.get("created_at") or now)
+            if job.get("status") == "queued" and now - since >= stall_after_s and job.get("spec"):
+                send_start(job_id, job["spec"])
+                store.update_job(job_id, start_sent_at=now)
+                resent["starts"] += 1
+            continue
+        total, lanes = int(job["total"]), int(job["concurrency"])
+        finished = store.results(job_id)
+        ids = store.item_ids(job_id)
+        sent_at = store.sent_at(job_id)
+        started = float(job.get("started_at") or now)
+        for lane in range(min(lanes, total)):
+            index = next((i for i in range(lane, total, lanes) if ids[i] not in finished), None)
+            if index is None or store.claim_holder(job_id, ids[index]) is not None:
+                continue  # lane finished, or its item is being run
+            if now - sent_at.get(index, started) >= stall_after_s:
+                log.warning("job %s: lane %d stalled at item %s; sending it again", job_id, lane, ids[index])
+                send(job_id, index)
+                store.mark_sent(job_id, index, at=now)
+                resent["lanes"] += 1
+    return resent
 
 
 def run_item(runtime: WorkerRuntime, job_id: str, index: int, send: Send, *, retries: int = 0,

@@ -66,6 +66,13 @@ class BatchSettings(BaseSettings):
         5.0, ge=0.001, description="While a job runs, results.jsonl is rewritten at most this often (it is "
         "always written when the job finishes)."
     )
+    sweep_interval_s: float = Field(
+        60.0, gt=0, description="beat runs the sweep for stalled jobs (lost messages) this often."
+    )
+    stall_after_s: float | None = Field(
+        None, gt=0, description="A lane whose next item had no result, claim or send for this long is sent "
+        "again (default: visibility_timeout_s + item_lease_s + 60)."
+    )
     job_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long a job's state is kept in Redis.")
 
     # --- exactly-once bookkeeping and retries ---------------------------------------------------------
@@ -145,6 +152,10 @@ class BatchSettings(BaseSettings):
                 "component; missing: " + ", ".join(f"{ENV_PREFIX}{n.upper()}_URL" for n in missing)
             )
         return {name: str(url) for name, url in urls.items()}
+
+    @property
+    def stall_after(self) -> float:
+        return self.stall_after_s or (self.visibility_timeout_s + self.item_lease_s + 60.0)
 
     @property
     def broker(self) -> str:

@@ -14,6 +14,7 @@ from vitaserve_batch.store import JobStore
 JOB_OPTIONS = ("want_audio", "max_tokens", "temperature", "seed", "max_tiles", "system_prompt")
 START_TASK = "vitaserve_batch.start_job"
 ITEM_TASK = "vitaserve_batch.run_item"
+SWEEP_TASK = "vitaserve_batch.sweep"
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ Keys (prefix `vitaserve:batch:`; all of a job's keys expire `job_ttl_s` after it
 | `job:<job>:results` | hash | item id -> result JSON: **the idempotency record** (job + item), written once |
 | `job:<job>:counts` | hash | status -> number of results (counted by the write that created the result) |
 | `job:<job>:claim:<item>` | string | the token of the attempt running the item, leased (`item_lease_s`) |
-| `job:<job>:sent` | set | item indexes whose task was sent by its lane predecessor (stops duplicate chains) |
+| `job:<job>:sent` | hash | item index -> when its task was sent (stops duplicate chains; the sweep's clock) |
 | `job:<job>:lock` | lock | serialises the rewrites of results.jsonl |
 | `job:<job>:flush` | string | set for `results_flush_s` after a rewrite of results.jsonl while the job runs |
 
@@ -195,10 +195,22 @@ class JobStore:
     # ---- lanes and cancellation -----------------------------------------------------------------------
 
     def was_sent(self, job_id: str, index: int) -> bool:
-        return bool(self.r.sismember(self.key(job_id, "sent"), index))
+        return bool(self.r.hexists(self.key(job_id, "sent"), index))
 
-    def mark_sent(self, job_id: str, index: int) -> None:
-        self.r.sadd(self.key(job_id, "sent"), index)
+    def mark_sent(self, job_id: str, index: int, *, at: float | None = None) -> None:
+        self.r.hset(self.key(job_id, "sent"), index, time.time() if at is None else at)
+
+    def sent_at(self, job_id: str) -> dict[int, float]:
+        return {int(k): float(v) for k, v in self.r.hgetall(self.key(job_id, "sent")).items()}
+
+    def active_jobs(self) -> list[str]:
+        """Ids of listed jobs that are not finished (queued or running)."""
+        out = []
+        for job_id in self.r.zrange(f"{PREFIX}jobs", 0, -1):
+            status = self.r.hget(self.key(job_id), "status")
+            if status is not None and status not in FINAL_STATUSES:
+                out.append(job_id)
+        return out
 
     def cancel(self, job_id: str) -> bool:
         """Set the job's cancelled flag (checked before each item). False if the job does not exist."""

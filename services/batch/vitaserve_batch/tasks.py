@@ -2,7 +2,8 @@
 
 - `vitaserve_batch.start_job(job_id, spec)`: parse the manifest, store the items, send each lane's head;
 - `vitaserve_batch.run_item(job_id, index, retries=0)`: one item, exactly once (`jobs.run_item`);
-- `vitaserve_batch.scheduled_job(name, spec)`: a beat firing; the job id comes from the message id.
+- `vitaserve_batch.scheduled_job(name, spec)`: a beat firing; the job id comes from the message id;
+- `vitaserve_batch.sweep()`: re-send the tasks of stalled jobs (beat, every `sweep_interval_s`).
 
 All are `acks_late` and rejected on worker loss (app defaults, repeated here for the reader).
 
@@ -25,7 +26,7 @@ import redis
 from vitaserve_batch import jobs, runtime
 from vitaserve_batch.app import app, settings
 from vitaserve_batch.schedules import SCHEDULED_TASK
-from vitaserve_batch.spec import ITEM_TASK, START_TASK
+from vitaserve_batch.spec import ITEM_TASK, START_TASK, SWEEP_TASK
 
 log = logging.getLogger(__name__)
 _TASK = {"bind": True, "acks_late": True, "reject_on_worker_lost": True, "max_retries": None}
@@ -80,3 +81,16 @@ def scheduled_job(self: Any, name: str, spec: dict[str, Any]) -> dict[str, Any]:
         raise _infra_retry(self, exc) from None
     log.info("schedule %s fired: job %s (%s items)", name, job_id, job.get("total"))
     return {"job_id": job_id, "status": job.get("status"), "total": job.get("total")}
+
+
+def send_start(job_id: str, spec: dict[str, Any]) -> None:
+    start_job.apply_async(args=(job_id, spec), task_id=job_id, queue=settings.queue)
+
+
+@app.task(name=SWEEP_TASK, ignore_result=True, bind=True)
+def sweep(self: Any) -> dict[str, int]:
+    store = runtime.get(settings).store
+    resent = jobs.sweep(store, send_item, send_start, stall_after_s=settings.stall_after)
+    if any(resent.values()):
+        log.warning("sweep re-sent %s", resent)
+    return resent
