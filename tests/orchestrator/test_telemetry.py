@@ -23,7 +23,7 @@ def test_metrics_endpoint_serves_the_instruments() -> None:
     metrics.time_to_first_token.observe(0.12)
     metrics.time_to_first_audio.observe(0.4)
     metrics.barge_in_stop.observe(0.03)
-    metrics.turn_duration.observe(2.5)
+    metrics.turn_duration.labels("done").observe(2.5)
     metrics.active_sessions.inc()
     metrics.component_errors.labels("llm_decoder", "UNAVAILABLE").inc()
     metrics.queue_depth.labels("outbox").set(3)
@@ -38,7 +38,7 @@ def test_metrics_endpoint_serves_the_instruments() -> None:
     assert 'vitaserve_time_to_first_token_seconds_bucket{le="0.1"} 0.0' in text
     assert "vitaserve_time_to_first_audio_seconds_count 1.0" in text
     assert "vitaserve_barge_in_stop_seconds_sum 0.03" in text
-    assert "vitaserve_turn_duration_seconds_count 1.0" in text
+    assert 'vitaserve_turn_duration_seconds_count{outcome="done"} 1.0' in text
     assert "vitaserve_active_sessions 1.0" in text
     assert 'vitaserve_component_errors_total{code="UNAVAILABLE",component="llm_decoder"} 1.0' in text
     assert 'vitaserve_queue_depth{queue="outbox"} 3.0' in text

@@ -1,0 +1,180 @@
+"""Metrics and traces of real turns through real Triton (the session's `stack`, no second Triton).
+
+- a second orchestrator process with `VITASERVE_METRICS_ADDRESS`, in front of the stack's Triton: its
+  `/metrics` is scraped over HTTP before and after a real turn, and the histograms moved (time to first
+  token and audio, turn duration by outcome), the sessions gauge went up and back, the router's endpoints
+  and the outbox queue depth are there;
+- an in-process orchestrator (`create_server` with `TritonComponents` against the same Triton) exporting
+  to OpenTelemetry's in-memory exporter: one trace per turn, the `turn` span parent of a span per
+  component call (vision and audio encode, generate, each synthesize stream), linked to its session's
+  span, and every Triton request carried a `traceparent` naming its component call's span (read back from
+  the headers argument the real tritonclient call received).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from vitaserve.api.v1 import orchestrator_pb2 as pb
+from vitaserve.client import Conversation, read_wav_16k, run_turn
+from vitaserve.components.triton import TritonComponents
+from vitaserve.stack import LocalStack, OrchestratorProcess, free_port
+from vitaserve_orchestrator.server import create_server
+from vitaserve_orchestrator.settings import OrchestratorSettings
+from vitaserve_orchestrator.telemetry import Telemetry, setup_tracing
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+EXAMPLES = Path(__file__).parents[2] / "examples" / "media"
+SETTINGS = pb.SessionSettings(turn_detection="manual", want_audio=True, max_reply_tokens=12, temperature=0.8,
+                              seed=5, playout_lead_ms=3_600_000)  # unpaced: nobody plays the audio
+
+
+def run(coro):  # noqa: ANN001, ANN201
+    return asyncio.run(asyncio.wait_for(coro, timeout=120))
+
+
+@pytest.fixture(scope="module")
+def metrics_orchestrator(stack: LocalStack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """(gRPC address, metrics URL) of an orchestrator process with the metrics endpoint on."""
+    port = free_port()
+    env = {"VITASERVE_BACKEND": "triton", "VITASERVE_TRITON_URL": stack.triton_url,
+           "VITASERVE_METRICS_ADDRESS": f"127.0.0.1:{port}"}
+    proc = OrchestratorProcess(env, log_path=tmp_path_factory.mktemp("metrics") / "orchestrator.log").start()
+    try:
+        yield proc.address, f"http://127.0.0.1:{port}/metrics"
+    finally:
+        proc.stop()
+
+
+def scrape(url: str) -> dict[str, float]:
+    """`name{labels}` -> value of every sample of the exposition."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        assert response.status == 200
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            samples[key] = float(value)
+    return samples
+
+
+def test_metrics_endpoint_moves_after_a_real_turn(metrics_orchestrator: tuple[str, str]) -> None:
+    address, url = metrics_orchestrator
+    before = scrape(url)
+    assert before["vitaserve_active_sessions"] == 0.0
+    for component in ("vision_encoder", "audio_encoder", "llm_decoder", "speech_synth"):
+        assert before[f'vitaserve_component_ready_endpoints{{component="{component}"}}'] == 1.0
+
+    async def scenario() -> float:
+        async with Conversation.open(address, settings=SETTINGS) as conv:
+            _reply, _audio, _rate, events = await run_turn(conv, image=None, pcm16=None, text="Hello there.",
+                                                           echo=False)
+            assert events[-1].WhichOneof("event") == "response_done", events[-1]
+            during = scrape(url)["vitaserve_active_sessions"]
+        return during
+
+    assert run(scenario()) == 1.0
+    after = scrape(url)
+    for name in ("vitaserve_time_to_first_token_seconds", "vitaserve_time_to_first_audio_seconds"):
+        assert after[f"{name}_count"] == before[f"{name}_count"] + 1, name
+        assert after[f'{name}_bucket{{le="+Inf"}}'] == before[f'{name}_bucket{{le="+Inf"}}'] + 1
+        assert after[f"{name}_sum"] > before[f"{name}_sum"]
+    done = 'vitaserve_turn_duration_seconds_count{outcome="done"}'
+    assert after[done] == before.get(done, 0.0) + 1
+    moved = [k for k in after if k.startswith("vitaserve_turn_duration_seconds_bucket{")
+             and 'outcome="done"' in k and after[k] > before.get(k, 0.0)]
+    assert moved, "no bucket of the turn duration moved"
+    assert after["vitaserve_active_sessions"] == 0.0  # the stream is closed
+    assert after['vitaserve_queue_depth{queue="outbox"}'] == 0.0
+    assert not [k for k in after if k.startswith("vitaserve_component_errors_total{")]
+
+
+class _HeaderSpy:
+    """The real tritonclient aio client, recording the `headers` each inference call is given."""
+
+    def __init__(self, client: Any, seen: list[tuple[str, dict[str, str] | None]]) -> None:
+        self._client = client
+        self._seen = seen
+
+    def infer(self, model_name: str, *args: Any, headers: dict[str, str] | None = None, **kw: Any) -> Any:
+        self._seen.append((model_name, headers))
+        return self._client.infer(model_name, *args, headers=headers, **kw)
+
+    def stream_infer(self, requests: Any, *args: Any, headers: dict[str, str] | None = None, **kw: Any) -> Any:
+        self._seen.append(("stream", headers))
+        return self._client.stream_infer(requests, *args, headers=headers, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+
+class _SpiedTriton(TritonComponents):
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.seen: list[tuple[str, dict[str, str] | None]] = []
+
+    def _client(self, url: str) -> Any:
+        return _HeaderSpy(super()._client(url), self.seen)
+
+
+def test_one_trace_per_turn_spans_every_component_call_and_reaches_triton(stack: LocalStack) -> None:
+    exporter = InMemorySpanExporter()
+    provider = setup_tracing(otlp_endpoint=None, exporter=exporter, service_name="orch-e2e")
+    assert provider is not None
+    components = _SpiedTriton(stack.triton_url)
+    config = OrchestratorSettings.model_validate({"triton_url": stack.triton_url, "listen_address": "127.0.0.1:0"})
+
+    async def scenario() -> str:
+        server, port = create_server(config, components, "127.0.0.1:0", telemetry=Telemetry(provider=provider))
+        await server.start()
+        try:
+            async with Conversation.open(f"127.0.0.1:{port}", settings=SETTINGS) as conv:
+                _reply, _audio, _rate, events = await run_turn(
+                    conv, image=(EXAMPLES / "camera.png").read_bytes(),
+                    pcm16=read_wav_16k(EXAMPLES / "question.wav"), text=None, echo=False)
+                assert events[-1].WhichOneof("event") == "response_done", events[-1]
+                return events[-1].response_id
+        finally:
+            await server.stop(1.0)
+            await components.close()
+
+    response_id = run(scenario())
+    provider.force_flush()
+    spans = exporter.get_finished_spans()
+    (turn,) = [s for s in spans if s.name == "turn"]
+    (session,) = [s for s in spans if s.name == "session"]
+    assert turn.attributes["vitaserve.response_id"] == response_id
+    assert turn.parent is None and turn.context.trace_id != session.context.trace_id  # a trace per turn
+    assert [link.context.span_id for link in turn.links] == [session.context.span_id]
+    assert session.attributes["vitaserve.session_id"] == turn.attributes["vitaserve.session_id"]
+    in_turn = [s for s in spans if s.context.trace_id == turn.context.trace_id and s is not turn]
+    names = sorted(s.name for s in in_turn)
+    assert {"vision_encoder.encode", "audio_encoder.encode", "llm_decoder.generate",
+            "speech_synth.synthesize"} <= set(names), names
+    assert all(s.parent is not None and s.parent.span_id == turn.context.span_id for s in in_turn), names
+    assert all(s.resource.attributes["service.name"] == "orch-e2e" for s in spans)
+    (generate,) = [s for s in in_turn if s.name == "llm_decoder.generate"]
+    assert generate.attributes["vitaserve.tokens"] >= 1
+    # every Triton request carried the traceparent of its component call's span, in the turn's trace
+    by_span = {s.context.span_id: s.name for s in in_turn}
+    calls = [(model, headers) for model, headers in components.seen]
+    assert len(calls) >= 4
+    traced = []
+    for model, headers in calls:
+        assert headers and re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", headers["traceparent"]), headers
+        _, trace_id, parent_id, _ = headers["traceparent"].split("-")
+        assert int(trace_id, 16) == turn.context.trace_id
+        traced.append(by_span[int(parent_id, 16)])
+    assert {"vision_encoder.encode", "audio_encoder.encode", "llm_decoder.generate",
+            "speech_synth.synthesize"} <= set(traced)
+    provider.shutdown()
