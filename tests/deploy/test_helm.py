@@ -249,8 +249,11 @@ def test_grafana_dashboard_configmap_and_its_orchestrator_metrics() -> None:
     (configmap,) = [d for d in render("default") if d["metadata"]["name"] == "vs-vitaserve-dashboard"]
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(configmap["data"]["vitaserve.json"]) == json.loads(DASHBOARD.read_text())
-    registered = {m.name.removesuffix("_total") if m.type == "counter" else m.name
-                  for m in Metrics().registry.collect()}
+    from vitaserve_batch import metrics as batch_metrics
+
+    instruments = [*Metrics().registry.collect(), *(m for instrument in (
+        batch_metrics.ITEMS, batch_metrics.ITEM_DURATION, batch_metrics.IN_FLIGHT) for m in instrument.collect())]
+    registered = {m.name.removesuffix("_total") if m.type == "counter" else m.name for m in instruments}
     wanted = {n.removesuffix("_total") for n in dashboard_metrics() if n.startswith("vitaserve_")}
     assert wanted and wanted <= registered, wanted - registered
     off = helm.Chart.load(CHART).render({"grafana": {"dashboard": {"enabled": False}}}, name="vs", namespace="ml")
@@ -311,8 +314,8 @@ def test_metrics_ports_annotations_and_settings(case: str) -> None:
 
 def test_service_monitor_and_metrics_off() -> None:
     chart = helm.Chart.load(CHART)
-    out = chart.render({"orchestrator": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kp"}}}}},
-                       name="vs", namespace="ml")
+    monitor_on = {"serviceMonitor": {"enabled": True, "labels": {"release": "kp"}}}
+    out = chart.render({"orchestrator": {"metrics": monitor_on}}, name="vs", namespace="ml")
     docs = [d for path, text in out.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
     (monitor,) = find(docs, "ServiceMonitor")
     assert monitor["metadata"]["labels"]["release"] == "kp"
@@ -320,7 +323,8 @@ def test_service_monitor_and_metrics_off() -> None:
     service = one(docs, "Service", "vs-vitaserve-orchestrator")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["spec"]["selector"].items()
     off = chart.render({"orchestrator": {"metrics": {"enabled": False}}}, name="vs", namespace="ml")
-    off_docs = [d for path, text in off.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
+    off_docs = [d for path, text in off.items() if path.endswith(".yaml")
+                for d in yaml.safe_load_all(text) if d]
     assert "VITASERVE_METRICS_ADDRESS" not in one(off_docs, "ConfigMap", "vs-vitaserve-orchestrator")["data"]
     assert "prometheus.io/scrape" not in one(off_docs, "Deployment", "vs-vitaserve-orchestrator")[
         "spec"]["template"]["metadata"]["annotations"]

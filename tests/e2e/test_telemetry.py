@@ -151,8 +151,8 @@ def test_a_real_barge_in_records_its_stop_latency(metrics_orchestrator: tuple[st
     address, url = metrics_orchestrator
     before = scrape(url)
     policy = pb.BargeInSettings(enabled=True, min_speech_ms=500, in_flight="pause", resume_silence_ms=300)
-    vad = pb.SessionSettings(turn_detection="vad", want_audio=True, max_reply_tokens=24, temperature=0.8, seed=11,
-                             barge_in=policy)  # paced at the default 300 ms lead: the reply plays for seconds
+    vad = pb.SessionSettings(turn_detection="vad", want_audio=True, max_reply_tokens=24, temperature=0.8,
+                             seed=11, barge_in=policy)  # paced at the default 300 ms lead: the reply plays for seconds
     question = read_wav_16k(SPEECH)
 
     async def scenario() -> list[str]:
@@ -191,7 +191,8 @@ def test_a_real_barge_in_records_its_stop_latency(metrics_orchestrator: tuple[st
 
     assert run(scenario()) == ["barge_in"]
     after = scrape(url)
-    assert after["vitaserve_barge_in_stop_seconds_count"] == before["vitaserve_barge_in_stop_seconds_count"] + 1
+    count = "vitaserve_barge_in_stop_seconds_count"
+    assert after[count] == before[count] + 1
     stop_s = after["vitaserve_barge_in_stop_seconds_sum"] - before["vitaserve_barge_in_stop_seconds_sum"]
     print(f"barge-in stop latency (server side, under contention): {stop_s * 1000:.1f} ms")
     assert 0.0 < stop_s < 2.0
@@ -224,7 +225,8 @@ def test_spans_are_exported_over_otlp_and_continue_the_clients_trace(
     turns = [t for t in receiver.named("turn") if [link.span_id for link in t.links] == [session.span_id]]
     (turn,) = turns
     assert turn.trace_id != session.trace_id and not turn.parent_span_id
-    children = {s.name for _, s in receiver.spans if s.trace_id == turn.trace_id and s.parent_span_id == turn.span_id}
+    children = {s.name for _, s in receiver.spans
+                if s.trace_id == turn.trace_id and s.parent_span_id == turn.span_id}
     assert {"llm_decoder.generate", "speech_synth.synthesize"} <= children, children
     assert {service for service, _ in receiver.spans} == {"vitaserve-orchestrator"}
 
@@ -240,7 +242,8 @@ class _HeaderSpy:
         self._seen.append((model_name, headers))
         return self._client.infer(model_name, *args, headers=headers, **kw)
 
-    def stream_infer(self, requests: Any, *args: Any, headers: dict[str, str] | None = None, **kw: Any) -> Any:
+    def stream_infer(self, requests: Any, *args: Any, headers: dict[str, str] | None = None,
+                     **kw: Any) -> Any:
         self._seen.append(("stream", headers))
         return self._client.stream_infer(requests, *args, headers=headers, **kw)
 
@@ -262,10 +265,12 @@ def test_one_trace_per_turn_spans_every_component_call_and_reaches_triton(stack:
     provider = setup_tracing(otlp_endpoint=None, exporter=exporter, service_name="orch-e2e")
     assert provider is not None
     components = _SpiedTriton(stack.triton_url)
-    config = OrchestratorSettings.model_validate({"triton_url": stack.triton_url, "listen_address": "127.0.0.1:0"})
+    config = OrchestratorSettings.model_validate({"triton_url": stack.triton_url,
+                                                  "listen_address": "127.0.0.1:0"})
 
     async def scenario() -> str:
-        server, port = create_server(config, components, "127.0.0.1:0", telemetry=Telemetry(provider=provider))
+        telemetry = Telemetry(provider=provider)
+        server, port = create_server(config, components, "127.0.0.1:0", telemetry=telemetry)
         await server.start()
         try:
             async with Conversation.open(f"127.0.0.1:{port}", settings=SETTINGS) as conv:
@@ -297,12 +302,12 @@ def test_one_trace_per_turn_spans_every_component_call_and_reaches_triton(stack:
     assert generate.attributes["vitaserve.tokens"] >= 1
     # every Triton request carried the traceparent of its component call's span, in the turn's trace
     by_span = {s.context.span_id: s.name for s in in_turn}
-    calls = [(model, headers) for model, headers in components.seen]
-    assert len(calls) >= 4
+    assert len(components.seen) >= 4
     traced = []
-    for model, headers in calls:
-        assert headers and re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", headers["traceparent"]), headers
-        _, trace_id, parent_id, _ = headers["traceparent"].split("-")
+    for _call, headers in components.seen:
+        traceparent = (headers or {}).get("traceparent", "")
+        assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", traceparent), headers
+        _, trace_id, parent_id, _ = traceparent.split("-")
         assert int(trace_id, 16) == turn.context.trace_id
         traced.append(by_span[int(parent_id, 16)])
     assert {"vision_encoder.encode", "audio_encoder.encode", "llm_decoder.generate",

@@ -193,7 +193,8 @@ def test_a_turn_records_first_token_first_audio_duration_and_its_span_tree() -> 
 def test_a_component_silent_past_the_pipeline_limit_is_counted_once() -> None:
     async def body() -> None:
         telemetry, exported = _telemetry()
-        response, outbox = _response(FakeComponents(hang={"llm_decoder"}), telemetry, first_token_timeout_s=0.1)
+        fake = FakeComponents(hang={"llm_decoder"})
+        response, outbox = _response(fake, telemetry, first_token_timeout_s=0.1)
         response.start()
         events = await _until_end(outbox)
         assert isinstance(events[-1], ev.ErrorEvent) and events[-1].code == "UNAVAILABLE"

@@ -86,7 +86,8 @@ def _serve_metrics(**_: Any) -> None:
     if settings.metrics_address:
         from vitaserve_batch import metrics
 
-        _server, port = metrics.serve(settings.metrics_address, broker_url=settings.broker, queue=settings.queue)
+        _server, port = metrics.serve(settings.metrics_address, broker_url=settings.broker,
+                                      queue=settings.queue)
         print(f"batch worker metrics on port {port}", flush=True)
 
 

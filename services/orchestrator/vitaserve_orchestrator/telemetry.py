@@ -71,7 +71,8 @@ class Metrics:
             "Arrival of the user audio that met the barge-in policy to the response's output gate closing.",
             buckets=BARGE_IN_BUCKETS, registry=r)
         self.turn_duration = Histogram(
-            "vitaserve_turn_duration_seconds", "Commit of a turn to its end (done, noise, interrupted, error).",
+            "vitaserve_turn_duration_seconds",
+            "Commit of a turn to its end (done, noise, interrupted, error).",
             ["outcome"], buckets=TURN_BUCKETS, registry=r)
         self.active_sessions = Gauge("vitaserve_active_sessions", "Converse streams open.", registry=r)
         self.component_errors = Counter(
