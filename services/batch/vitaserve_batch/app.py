@@ -70,6 +70,8 @@ if settings.metrics_address:  # before anything imports prometheus_client (metri
     port = settings.metrics_address.rpartition(":")[2]
     os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(
         settings.metrics_dir or Path(tempfile.gettempdir()) / f"vitaserve-batch-metrics-{port}"))
+    # Exists before any process writes to it, even if the endpoint then fails to start.
+    Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 app = create_app(settings)
 
 

@@ -14,7 +14,8 @@ Metrics (`Metrics`, a registry of its own so tests and several servers in one pr
                                                          (instrumented.py), and components that stayed
                                                          silent past the pipeline's limits (turn.py)
     vitaserve_queue_depth                     gauge      {queue}: items waiting ("outbox": events queued
-                                                         for the clients of this process, all streams)
+                                                         for the clients of this process, all streams; the
+                                                         batch worker reports its Celery queue by name)
     vitaserve_component_ready_endpoints       gauge      {component}: ready Triton endpoints the router sees
 `start_metrics_server(metrics, "host:port")` serves them over HTTP (`/metrics`) for Prometheus.
 
