@@ -21,6 +21,7 @@ from opentelemetry.trace import StatusCode
 from vitaserve.cluster.discovery import StaticDiscovery
 from vitaserve.cluster.routing import Router
 from vitaserve.components.base import GenerationParams, ImageInput
+from vitaserve.components.triton import trace_headers
 from vitaserve.errors import Unavailable
 from vitaserve_orchestrator import events as ev
 from vitaserve_orchestrator.instrumented import InstrumentedComponents
@@ -76,6 +77,7 @@ def test_tracing_is_off_by_default_and_exports_spans_with_the_triton_context() -
     assert settings.otlp_endpoint is None and settings.metrics_address is None
     assert setup_tracing(otlp_endpoint=settings.otlp_endpoint) is None
     assert triton_headers() == {}  # no span: nothing to propagate
+    assert trace_headers() is None  # what TritonComponents sends while tracing is off: no headers
 
     exported = InMemorySpanExporter()
     provider = setup_tracing(otlp_endpoint=None, exporter=exported, service_name="orch-test")
@@ -83,6 +85,7 @@ def test_tracing_is_off_by_default_and_exports_spans_with_the_triton_context() -
     with tracer(provider).start_as_current_span("turn") as turn:
         with tracer(provider).start_as_current_span("llm_decoder.generate"):
             headers = triton_headers()
+            assert trace_headers() == headers
     provider.force_flush()
     trace_id = f"{turn.get_span_context().trace_id:032x}"
     assert headers["traceparent"].split("-")[1] == trace_id
