@@ -249,8 +249,11 @@ def test_grafana_dashboard_configmap_and_its_orchestrator_metrics() -> None:
     (configmap,) = [d for d in render("default") if d["metadata"]["name"] == "vs-vitaserve-dashboard"]
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(configmap["data"]["vitaserve.json"]) == json.loads(DASHBOARD.read_text())
-    registered = {m.name.removesuffix("_total") if m.type == "counter" else m.name
-                  for m in Metrics().registry.collect()}
+    from vitaserve_batch import metrics as batch_metrics
+
+    instruments = [*Metrics().registry.collect(), *(m for instrument in (
+        batch_metrics.ITEMS, batch_metrics.ITEM_DURATION, batch_metrics.IN_FLIGHT) for m in instrument.collect())]
+    registered = {m.name.removesuffix("_total") if m.type == "counter" else m.name for m in instruments}
     wanted = {n.removesuffix("_total") for n in dashboard_metrics() if n.startswith("vitaserve_")}
     assert wanted and wanted <= registered, wanted - registered
     off = helm.Chart.load(CHART).render({"grafana": {"dashboard": {"enabled": False}}}, name="vs", namespace="ml")
@@ -274,3 +277,54 @@ def test_api_keys_secret_is_a_keys_file_the_orchestrator_accepts() -> None:
     assert table.find("wrong-key") is None
     assert "vs-example-key-change-me" not in json.dumps(secrets[0])  # only the hash is stored
     assert hashlib.sha256(b"vs-example-key-change-me").hexdigest() in json.dumps(secrets[0])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_metrics_ports_annotations_and_settings(case: str) -> None:
+    from vitaserve_batch.settings import BatchSettings
+
+    docs = render(case)
+    deployment = one(docs, "Deployment", "vs-vitaserve-orchestrator")
+    template = deployment["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    config = one(docs, "ConfigMap", "vs-vitaserve-orchestrator")["data"]
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["metrics"]
+    assert config["VITASERVE_METRICS_ADDRESS"] == f"0.0.0.0:{port}"
+    assert OrchestratorSettings.model_validate({"triton_url": "t:8001",
+                                                "metrics_address": config["VITASERVE_METRICS_ADDRESS"]})
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == str(port)
+    service = one(docs, "Service", "vs-vitaserve-orchestrator")
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]}["metrics"] == "metrics"
+    assert not find(docs, "ServiceMonitor")  # off by default: needs the Prometheus Operator's CRDs
+    workers = find(docs, "Deployment", "vs-vitaserve-batch-worker")
+    for worker in workers:
+        (wc,) = worker["spec"]["template"]["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in wc["env"]}
+        wport = {p["name"]: p["containerPort"] for p in wc["ports"]}["metrics"]
+        assert env["VITASERVE_BATCH_METRICS_ADDRESS"] == f"0.0.0.0:{wport}"
+        assert env["VITASERVE_BATCH_METRICS_DIR"].startswith("/tmp/")  # the writable emptyDir
+        settings = BatchSettings.model_validate({k[len("VITASERVE_BATCH_"):].lower(): v for k, v in env.items()
+                                                 if k.startswith("VITASERVE_BATCH_")})
+        assert settings.metrics_address == f"0.0.0.0:{wport}"
+        assert worker["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(wport)
+    beat = find(docs, "Deployment", "vs-vitaserve-batch-beat")
+    assert all("ports" not in b["spec"]["template"]["spec"]["containers"][0] for b in beat)
+
+
+def test_service_monitor_and_metrics_off() -> None:
+    chart = helm.Chart.load(CHART)
+    monitor_on = {"serviceMonitor": {"enabled": True, "labels": {"release": "kp"}}}
+    out = chart.render({"orchestrator": {"metrics": monitor_on}}, name="vs", namespace="ml")
+    docs = [d for path, text in out.items() if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
+    (monitor,) = find(docs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kp"
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    service = one(docs, "Service", "vs-vitaserve-orchestrator")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["spec"]["selector"].items()
+    off = chart.render({"orchestrator": {"metrics": {"enabled": False}}}, name="vs", namespace="ml")
+    off_docs = [d for path, text in off.items() if path.endswith(".yaml")
+                for d in yaml.safe_load_all(text) if d]
+    assert "VITASERVE_METRICS_ADDRESS" not in one(off_docs, "ConfigMap", "vs-vitaserve-orchestrator")["data"]
+    assert "prometheus.io/scrape" not in one(off_docs, "Deployment", "vs-vitaserve-orchestrator")[
+        "spec"]["template"]["metadata"]["annotations"]

@@ -13,11 +13,17 @@ Configuration comes from `BatchSettings` (environment variables, see `settings.p
 - Each prefork child starts its event loop and clients at `worker_process_init` and closes them at
   `worker_process_shutdown`; the solo pool creates them at its first task and closes them at
   `worker_shutdown` (`runtime.py`). Nothing is created in a prefork parent, so no child inherits sockets.
+- Metrics (`metrics_address`): prometheus_client's multiprocess mode, its directory set here before the
+  tasks (and prometheus_client) are imported; the main process serves the endpoint from `worker_init`,
+  and a pool process that exits is marked dead (metrics.py).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
+from pathlib import Path
 from typing import Any
 
 from celery import Celery, signals
@@ -67,6 +73,12 @@ def create_app(settings: BatchSettings) -> Celery:
 
 
 settings = BatchSettings()
+if settings.metrics_address:  # before anything imports prometheus_client (metrics.py)
+    port = settings.metrics_address.rpartition(":")[2]
+    os.environ.setdefault("PROMETHEUS_MULTIPROC_DIR", str(
+        settings.metrics_dir or Path(tempfile.gettempdir()) / f"vitaserve-batch-metrics-{port}"))
+    # Exists before any process writes to it, even if the endpoint then fails to start.
+    Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).mkdir(parents=True, exist_ok=True)
 app = create_app(settings)
 
 
@@ -79,7 +91,24 @@ def _stop_runtime(**_: Any) -> None:
     runtime.stop()
 
 
+def _serve_metrics(**_: Any) -> None:
+    if settings.metrics_address:
+        from vitaserve_batch import metrics
+
+        _server, port = metrics.serve(settings.metrics_address, broker_url=settings.broker,
+                                      queue=settings.queue)
+        print(f"batch worker metrics on port {port}", flush=True)
+
+
+def _process_exited(**_: Any) -> None:
+    from vitaserve_batch import metrics
+
+    metrics.process_exited(os.getpid())
+
+
 signals.worker_process_init.connect(_start_runtime, weak=False)
 signals.worker_process_shutdown.connect(_stop_runtime, weak=False)
+signals.worker_process_shutdown.connect(_process_exited, weak=False)
+signals.worker_init.connect(_serve_metrics, weak=False)
 # Solo pool: the runtime is made by the first task (runtime.get); stop() only closes this process's own.
 signals.worker_shutdown.connect(_stop_runtime, weak=False)

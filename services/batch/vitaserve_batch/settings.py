@@ -128,6 +128,16 @@ class BatchSettings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Logging level.")
 
+    # --- metrics (vitaserve_batch.metrics) -------------------------------------------------------------
+    metrics_address: str | None = Field(
+        None, description="host:port of the worker's Prometheus /metrics endpoint, served by the main "
+        "process for all pool processes (unset = no endpoint)."
+    )
+    metrics_dir: Path | None = Field(
+        None, description="Directory of prometheus_client's multiprocess files (PROMETHEUS_MULTIPROC_DIR), "
+        "emptied when the worker starts; default: <tmp>/vitaserve-batch-metrics-<port>. One per worker."
+    )
+
     @model_validator(mode="after")
     def _check(self) -> BatchSettings:
         if self.backend == "inprocess" and self.checkpoint_dir is None:

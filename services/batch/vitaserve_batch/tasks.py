@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 
-from vitaserve_batch import jobs, runtime
+from vitaserve_batch import jobs, metrics, runtime
 from vitaserve_batch.app import app, settings
 from vitaserve_batch.schedules import SCHEDULED_TASK
 from vitaserve_batch.spec import ITEM_TASK, START_TASK, SWEEP_TASK
@@ -60,14 +60,18 @@ def start_job(self: Any, job_id: str, spec: dict[str, Any]) -> dict[str, Any]:
 # The outcome of an item lives in the job store; Celery's result backend would only duplicate it.
 @app.task(name=ITEM_TASK, ignore_result=True, **_TASK)
 def run_item(self: Any, job_id: str, index: int, retries: int = 0) -> str:
-    try:
-        return jobs.run_item(runtime.get(settings), job_id, index, send_item, retries=retries,
-                             attempt_id=(self.request.id or "")[:8])
-    except jobs.RetryLater as later:
-        raise self.retry(args=(job_id, index), kwargs={"retries": later.retries},
-                         countdown=later.countdown_s, max_retries=None) from None
-    except _INFRA_ERRORS as exc:
-        raise _infra_retry(self, exc, args=(job_id, index), kwargs={"retries": retries}) from None
+    with metrics.item(settings.queue) as record:
+        try:
+            record.status = jobs.run_item(runtime.get(settings), job_id, index, send_item, retries=retries,
+                                          attempt_id=(self.request.id or "")[:8])
+            return record.status
+        except jobs.RetryLater as later:
+            record.status = "retry"
+            raise self.retry(args=(job_id, index), kwargs={"retries": later.retries},
+                             countdown=later.countdown_s, max_retries=None) from None
+        except _INFRA_ERRORS as exc:
+            record.status = "infra-retry"
+            raise _infra_retry(self, exc, args=(job_id, index), kwargs={"retries": retries}) from None
 
 
 @app.task(name=SCHEDULED_TASK, **_TASK)

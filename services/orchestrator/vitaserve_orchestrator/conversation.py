@@ -21,6 +21,10 @@
 - the stream's lease on its session (lease.py): when a newer stream claims the session (the client
   reconnected elsewhere), this one stops without writing anything more and `superseded` is set (the
   servicer ends the RPC with ABORTED).
+
+Telemetry: each response gets the stream's session span (its turns link to it) and the server's
+`Telemetry`; a barge-in records its stop latency (from the arrival of the audio chunk whose window met
+the policy to the response's gate closing: the VAD's and the policy's work on this event loop).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import uuid
 from collections.abc import Callable
 
 import numpy as np
+from opentelemetry import trace
 
 from vitaserve.components.base import ComponentClient, ImageInput
 from vitaserve.errors import FailedPrecondition, InvalidInput, VitaserveError
@@ -74,6 +79,7 @@ from vitaserve_orchestrator.session import (
 )
 from vitaserve_orchestrator.settings import OrchestratorSettings
 from vitaserve_orchestrator.tasks import TaskSet
+from vitaserve_orchestrator.telemetry import Telemetry
 from vitaserve_orchestrator.turn import Outcome, PipelineLimits, Response, TurnInput
 from vitaserve_orchestrator.vad import (
     SAMPLE_RATE,
@@ -108,8 +114,12 @@ class Conversation:
         outbox: Outbox,
         vad_factory: Callable[[], VadModel] = SileroVad,
         clock: Callable[[], float] = time.monotonic,
+        telemetry: Telemetry | None = None,
+        session_span: trace.Span | None = None,
     ) -> None:
         self.session = session
+        self._telemetry = telemetry or Telemetry.off()
+        self._session_span = session_span
         self._store = store
         self._components = components
         self._config = config
@@ -124,6 +134,7 @@ class Conversation:
         self._policy: BargeInPolicy | None = None  # lives and dies with the endpointer
         self._vad_base_ms = 0  # input audio received before the current endpointer was created
         self._audio_in_ms = 0.0  # input audio received on this stream
+        self._audio_at = 0.0  # when the latest audio chunk arrived (barge-in stop latency)
         self._ended = False
         self._saving: asyncio.Task[None] | None = None  # the save of the last finished turn
         self.superseded: SessionSuperseded | None = None  # set when a newer stream took the session
@@ -144,6 +155,8 @@ class Conversation:
         tenant: Tenant | None = None,
         vad_factory: Callable[[], VadModel] = SileroVad,
         clock: Callable[[], float] = time.monotonic,
+        telemetry: Telemetry | None = None,
+        session_span: trace.Span | None = None,
     ) -> Conversation:
         """Create or resume the session named by the stream's first event, in `tenant` (default: the one
         tenant of auth-off) and within its stream limit; this stream takes the session's lease. Raises
@@ -175,6 +188,8 @@ class Conversation:
             outbox=outbox,
             vad_factory=vad_factory,
             clock=clock,
+            telemetry=telemetry,
+            session_span=session_span,
         )
         outbox.put(
             SessionStarted(
@@ -379,6 +394,7 @@ class Conversation:
             )
         if size == 0:
             return
+        self._audio_at = self._clock()
         self._audio_in_ms += size / 2 * 1000.0 / SAMPLE_RATE
         if self.session.settings.turn_detection == "manual":
             pending = self.session.pending.audio
@@ -448,9 +464,11 @@ class Conversation:
                 assistant_speaking=self._active(),
             )
             if decision is not None and decision.kind == "interrupt" and self._response is not None:
-                await self._response.interrupt(
+                response = self._response
+                if await response.interrupt(
                     "barge_in", trigger_audio_ms=decision.audio_ms, policy_met_ms=self._outbox.now_ms()
-                )
+                ) and response.stopped_at is not None:
+                    self._telemetry.metrics.barge_in_stop.observe(response.stopped_at - self._audio_at)
         if self._active() and self._response is not None:
             self._response.hold_output(policy.holding)
 
@@ -528,6 +546,8 @@ class Conversation:
             committed_at=self._clock(),
             on_finished=self._on_response_finished,
             clock=self._clock,
+            telemetry=self._telemetry,
+            session_span=self._session_span,
         )
         self._response.start()
 

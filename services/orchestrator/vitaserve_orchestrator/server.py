@@ -14,6 +14,11 @@ The session store follows the settings (`build_store`: in memory, or Redis); rea
 store to answer (NOT_SERVING while Redis is unreachable), and the server closes a store it built when it
 stops. With `tls_cert_file`/`tls_key_file` the port serves TLS only (`server_credentials`), and with
 `tls_client_ca_file` clients must present a certificate that CA signed (mTLS).
+
+Telemetry (telemetry.py): `create_server(..., telemetry=)` records into that `Telemetry` (default: a
+registry of its own) and serves the components through `InstrumentedComponents` (a span per call, errors
+counted). `serve()` installs the OTLP tracer provider when `VITASERVE_OTLP_ENDPOINT` is set (else tracing
+stays the no-op) and serves `/metrics` on `VITASERVE_METRICS_ADDRESS` when set.
 """
 
 from __future__ import annotations
@@ -32,10 +37,12 @@ from vitaserve.api.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from vitaserve.components.base import ComponentClient
 from vitaserve.errors import Unavailable
 from vitaserve_orchestrator.auth import Authenticator
+from vitaserve_orchestrator.instrumented import InstrumentedComponents
 from vitaserve_orchestrator.servicer import OrchestratorServicer
 from vitaserve_orchestrator.session import InMemorySessionStore, SessionStore
 from vitaserve_orchestrator.settings import OrchestratorSettings
 from vitaserve_orchestrator.tasks import TaskSet
+from vitaserve_orchestrator.telemetry import Telemetry, setup_tracing, start_metrics_server
 from vitaserve_orchestrator.vad import SileroVad, VadModel
 
 log = logging.getLogger(__name__)
@@ -61,7 +68,9 @@ class OrchestratorServer:
         config: OrchestratorSettings,
         store: SessionStore | None = None,
         owns_store: bool = False,
+        telemetry: Telemetry | None = None,
     ) -> None:
+        self.telemetry = telemetry or Telemetry.off()
         self.store = store
         self._owns_store = owns_store
         self.grpc_server = server
@@ -157,10 +166,15 @@ def create_server(
     auth: Authenticator | None = None,
     vad_factory: Callable[[], VadModel] = SileroVad,
     clock: Callable[[], float] = time.monotonic,
+    telemetry: Telemetry | None = None,
 ) -> tuple[OrchestratorServer, int]:
     """Build the server bound to `address` (default `settings.listen_address`); returns it and the port
     actually bound. `store` and `auth` default to what the settings say (a store passed in stays the
-    caller's to close). Call from the event loop that will run it."""
+    caller's to close); `telemetry` to a registry of this server's own. Call from the event loop that
+    will run it."""
+    telemetry = telemetry or Telemetry()
+    if getattr(components, "router", None) is not None:
+        telemetry.metrics.follow_router(components.router)  # type: ignore[attr-defined]
     options = [
         ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
         ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
@@ -170,11 +184,12 @@ def create_server(
     store = store or build_store(settings)
     servicer = OrchestratorServicer(
         config=settings,
-        components=components,
+        components=InstrumentedComponents(components, telemetry),
         store=store,
         auth=auth or Authenticator.from_settings(settings),
         vad_factory=vad_factory,
         clock=clock,
+        telemetry=telemetry,
     )
     orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(servicer, server)
     health = health_aio.HealthServicer()
@@ -199,6 +214,7 @@ def create_server(
         config=settings,
         store=store,
         owns_store=owns_store,
+        telemetry=telemetry,
     ), port
 
 
@@ -208,10 +224,22 @@ async def serve(
     """Run the orchestrator until SIGTERM or SIGINT, then shut down gracefully."""
     from vitaserve_orchestrator.components import build_components
 
+    from opentelemetry import trace
+
     settings = settings or OrchestratorSettings()
+    provider = setup_tracing(otlp_endpoint=settings.otlp_endpoint, service_name=settings.otel_service_name,
+                             sample_ratio=settings.trace_sample_ratio, insecure=settings.otlp_insecure)
+    if provider is not None:
+        trace.set_tracer_provider(provider)
+    telemetry = Telemetry(provider=provider)
     if components is None:
         components = await asyncio.to_thread(build_components, settings)
-    server, port = create_server(settings, components)
+    server, port = create_server(settings, components, telemetry=telemetry)
+    metrics_server = None
+    if settings.metrics_address:
+        metrics_server, metrics_port = start_metrics_server(telemetry.metrics, settings.metrics_address)
+        print(f"orchestrator metrics on {settings.metrics_address.rpartition(':')[0]}:{metrics_port}/metrics",
+              flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -226,3 +254,8 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         await components.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+            metrics_server.server_close()
+        if provider is not None:
+            provider.shutdown()  # flushes the spans still queued

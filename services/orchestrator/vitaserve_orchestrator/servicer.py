@@ -11,6 +11,10 @@ task turns each protobuf event into a domain event for the `Conversation`, while
 `Outbox`'s events as protobuf. Errors about one event come back as `ErrorEvent`s and the stream goes on.
 The stream ends after `EndSession`, when the client half-closes (once a running response has played
 out), or when either side cancels.
+
+Telemetry: each stream is a `session` span (continuing a W3C `traceparent` in the call's metadata) and
+counts in `vitaserve_active_sessions`; the events waiting in the open streams' outboxes are the
+`vitaserve_queue_depth{queue="outbox"}` gauge, read at scrape time.
 """
 
 from __future__ import annotations
@@ -18,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 
 import grpc
+from opentelemetry import propagate
+from opentelemetry.trace import Status, StatusCode
 
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.api.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -36,6 +43,7 @@ from vitaserve_orchestrator.outbox import Outbox
 from vitaserve_orchestrator.session import SessionSettings, SessionStore, SettingsUpdate
 from vitaserve_orchestrator.settings import OrchestratorSettings
 from vitaserve_orchestrator.tasks import cancel_and_wait
+from vitaserve_orchestrator.telemetry import Telemetry
 from vitaserve_orchestrator.vad import SileroVad, VadModel
 
 log = logging.getLogger(__name__)
@@ -224,8 +232,13 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         auth: Authenticator | None = None,
         vad_factory: Callable[[], VadModel] = SileroVad,
         clock: Callable[[], float] = time.monotonic,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._config = config
+        self._telemetry = telemetry or Telemetry.off()
+        self._outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
+        self._telemetry.metrics.queue_depth.labels("outbox").set_function(
+            lambda: float(sum(o.pending() for o in list(self._outboxes))))
         self._components = components
         self._store = store
         self._auth = auth or Authenticator.from_settings(config)
@@ -253,6 +266,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first event must be session_update")
 
         outbox = Outbox(clock=self._clock)  # pacing: each response brings its session's playout lead
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        span = self._telemetry.tracer.start_span("session", context=propagate.extract(metadata))
         try:
             tenant.check_message(first.ByteSize())
             update = client_event_from_proto(first)
@@ -266,11 +281,19 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 tenant=tenant,
                 vad_factory=self._vad_factory,
                 clock=self._clock,
+                telemetry=self._telemetry,
+                session_span=span,
             )
         except VitaserveError as exc:
+            span.set_status(Status(StatusCode.ERROR, f"{exc.code}: {exc.message}"))
+            span.end()
             await abort(context, exc)
+        span.set_attribute("vitaserve.session_id", conversation.session.id)
+        span.set_attribute("vitaserve.tenant", tenant.name)
 
         self.open_streams += 1
+        self._telemetry.metrics.active_sessions.inc()
+        self._outboxes.add(outbox)
         reader = asyncio.get_running_loop().create_task(
             self._read(requests, conversation, tenant), name=f"converse-reader:{conversation.session.id}"
         )
@@ -282,8 +305,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 await abort(context, conversation.superseded)
         finally:
             self.open_streams -= 1
+            self._telemetry.metrics.active_sessions.dec()
             await cancel_and_wait(reader, self._config.cancel_timeout_s)
             await conversation.aclose()
+            span.set_attribute("vitaserve.turns", conversation.session.turns)
+            span.end()
 
     async def _read(
         self, requests: AsyncIterator[pb.ClientEvent], conversation: Conversation, tenant: Tenant

@@ -4,22 +4,36 @@ trace context handed to Triton.
 Metrics (`Metrics`, a registry of its own so tests and several servers in one process never collide):
     vitaserve_time_to_first_token_seconds     histogram  commit of a turn -> its first LLM token
     vitaserve_time_to_first_audio_seconds     histogram  commit of a turn -> its first audio chunk
-    vitaserve_barge_in_stop_seconds           histogram  first interrupting audio -> last audio chunk of the
-                                                         cancelled response
-    vitaserve_turn_duration_seconds           histogram  commit -> response_done / interrupted
+    vitaserve_barge_in_stop_seconds           histogram  arrival of the user audio that met the barge-in
+                                                         policy -> the response's output gate closed (no
+                                                         audio of it is sent afterwards)
+    vitaserve_turn_duration_seconds           histogram  {outcome}: commit -> the response's end was sent
+                                                         (done, noise, error) or it was interrupted
     vitaserve_active_sessions                 gauge      Converse streams open
-    vitaserve_component_errors_total          counter    {component, code}: errors of component calls
-    vitaserve_queue_depth                     gauge      {queue}: items waiting (e.g. outbox, batch queue)
+    vitaserve_component_errors_total          counter    {component, code}: failed component calls
+                                                         (instrumented.py), and components that stayed
+                                                         silent past the pipeline's limits (turn.py)
+    vitaserve_queue_depth                     gauge      {queue}: items waiting ("outbox": events queued
+                                                         for the clients of this process, all streams; the
+                                                         batch worker reports its Celery queue by name)
     vitaserve_component_ready_endpoints       gauge      {component}: ready Triton endpoints the router sees
 `start_metrics_server(metrics, "host:port")` serves them over HTTP (`/metrics`) for Prometheus.
 
 Traces: `setup_tracing(...)` builds a `TracerProvider` exporting over OTLP/gRPC when an endpoint is
 configured (`VITASERVE_OTLP_ENDPOINT`); without one tracing stays the OpenTelemetry no-op (off by default).
 `triton_headers()` is the W3C `traceparent` of the current span, for the `headers=` of tritonclient calls, so
-a Triton started with `--trace-config mode=opentelemetry` continues the same trace.
+a Triton started with `--trace-config mode=opentelemetry` continues the same trace (TritonComponents sends
+it on every call).
 
-This module only provides the instruments; the turn pipeline records into them (instrumentation of
-turn.py / conversation.py is separate work).
+Spans: `session` (one Converse stream; it continues a client's `traceparent` metadata), and per turn a new
+trace: `turn` (the response's pipeline task, linked to its session span) with a child span per component
+call (`vision_encoder.encode`, `audio_encoder.encode`, `llm_decoder.generate`, `speech_synth.synthesize`
+per text segment; instrumented.py). A turn is a trace of its own so that a long session does not become
+one unbounded trace; the link and the `vitaserve.session_id` attribute lead from a turn to its session.
+No span per token or audio chunk.
+
+`Telemetry` bundles the registry and the tracer that one server records into; `Telemetry.off()` is the
+process-wide default of code built without one (unit tests): its registry is never served.
 """
 
 from __future__ import annotations
@@ -55,11 +69,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r)
         self.barge_in_stop = Histogram(
             "vitaserve_barge_in_stop_seconds",
-            "First interrupting audio frame to the last audio chunk of the cancelled response.",
+            "Arrival of the user audio that met the barge-in policy to the response's output gate closing.",
             buckets=BARGE_IN_BUCKETS, registry=r)
         self.turn_duration = Histogram(
-            "vitaserve_turn_duration_seconds", "Commit of a turn to response_done or interrupted.",
-            buckets=TURN_BUCKETS, registry=r)
+            "vitaserve_turn_duration_seconds",
+            "Commit of a turn to its end (done, noise, interrupted, error).",
+            ["outcome"], buckets=TURN_BUCKETS, registry=r)
         self.active_sessions = Gauge("vitaserve_active_sessions", "Converse streams open.", registry=r)
         self.component_errors = Counter(
             "vitaserve_component_errors_total", "Errors of component calls by gRPC code name.",
@@ -77,6 +92,25 @@ class Metrics:
     def exposition(self) -> bytes:
         """The text exposition format (what /metrics serves)."""
         return generate_latest(self.registry)
+
+
+class Telemetry:
+    """What one orchestrator server records into: `metrics`, and `tracer` (from `provider`, else the
+    global tracer provider: the OpenTelemetry no-op unless one was installed)."""
+
+    _off: Telemetry | None = None
+
+    def __init__(self, metrics: Metrics | None = None, provider: TracerProvider | None = None) -> None:
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.provider = provider
+        self.tracer = tracer(provider)
+
+    @classmethod
+    def off(cls) -> Telemetry:
+        """The shared default of objects built without telemetry: nothing serves or exports it."""
+        if cls._off is None:
+            cls._off = cls()
+        return cls._off
 
 
 def _counter(router: Any, component: str) -> Callable[[], float]:

@@ -24,6 +24,10 @@ reply text aligned to it, then cancels the task, which closes the LLM and speech
 barge-in policy holds the response (`hold_output`), its audio waits in the outbox; generation goes on.
 Component errors end the turn with an `ErrorEvent` (a stuck component becomes `UNAVAILABLE` after its
 timeout); the session stays usable.
+
+Telemetry (telemetry.py): the task runs in a `turn` span, the root of a trace of its own linked to the
+session's span; the component calls are its children (instrumented.py). Time to first token and first
+audio are recorded where they happen, the turn's duration (by outcome) when it ends.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 import numpy as np
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Status, StatusCode
 
 from vitaserve.components.base import ComponentClient, GenerationParams, ImageInput
 from vitaserve.errors import Unavailable, VitaserveError
@@ -66,6 +73,7 @@ from vitaserve_orchestrator.pacing import split_frames
 from vitaserve_orchestrator.session import SessionSettings
 from vitaserve_orchestrator.settings import OrchestratorSettings
 from vitaserve_orchestrator.tasks import cancel_and_wait
+from vitaserve_orchestrator.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,6 +86,10 @@ _JUNK = (UNK, IM_END)
 
 class ComponentTimeout(Unavailable):
     """A component accepted the call but sent nothing within its time limit (retryable)."""
+
+    def __init__(self, component: str, message: str) -> None:
+        super().__init__(message)
+        self.component = component
 
 
 @dataclass(frozen=True)
@@ -208,7 +220,7 @@ async def _next(it: AsyncIterator[T], timeout_s: float, component: str) -> T | N
     except StopAsyncIteration:
         return None
     except TimeoutError:
-        raise ComponentTimeout(f"{component} sent nothing for {timeout_s:g} s") from None
+        raise ComponentTimeout(component, f"{component} sent nothing for {timeout_s:g} s") from None
 
 
 async def _aclose(it: Any, timeout_s: float) -> None:
@@ -243,6 +255,8 @@ class Response:
         committed_at: float,
         on_finished: Callable[[Response, Outcome], None],
         clock: Callable[[], float] = time.monotonic,
+        telemetry: Telemetry | None = None,
+        session_span: trace.Span | None = None,
     ) -> None:
         self.id = response_id
         self.turn_id = turn_id
@@ -257,6 +271,9 @@ class Response:
         self._t0 = committed_at
         self._clock = clock
         self._on_finished = on_finished
+        self._telemetry = telemetry or Telemetry.off()
+        self._session_span = session_span
+        self.stopped_at: float | None = None  # when the output gate closed (interrupted)
         self._task: asyncio.Task[None] | None = None
         self._outcome: Outcome | None = None
         self._finished = asyncio.Event()
@@ -333,6 +350,7 @@ class Response:
         # The gate first, in this event-loop step: from here on nothing of this response is sent, so the
         # playout accounting below is final.
         self._outbox.close_response(self.id)
+        self.stopped_at = self._clock()
         played = self.playout.played_ms
         if self._settings.speech_out:
             heard = self.playout.heard_text(self.text, played)
@@ -349,6 +367,7 @@ class Response:
         if self._outcome is not None:
             return
         self._outcome = outcome
+        self._telemetry.metrics.turn_duration.labels(outcome.kind).observe(self._clock() - self._t0)
         self._outbox.unwatch(self.id)
         self._finished.set()
         try:
@@ -374,16 +393,31 @@ class Response:
     # ---- pipeline -----------------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        try:
-            await self._pipeline()
-        except asyncio.CancelledError:
-            raise
-        except VitaserveError as exc:
-            log.info("response %s failed: %s %s", self.id, exc.code, exc.message)
-            self._emit(ErrorEvent(exc.code, exc.message, retryable=exc.retryable))
-        except Exception as exc:  # noqa: BLE001 - reported to the client, the session goes on
-            log.exception("response %s failed", self.id)
-            self._emit(ErrorEvent("INTERNAL", f"{type(exc).__name__}: {exc}"))
+        session = self._session_span.get_span_context() if self._session_span is not None else None
+        with self._telemetry.tracer.start_as_current_span(
+            "turn",
+            context=Context(),  # a trace per turn, linked to its session
+            links=[trace.Link(session)] if session is not None and session.is_valid else None,
+            attributes={"vitaserve.session_id": self.session_id, "vitaserve.turn_id": self.turn_id,
+                        "vitaserve.response_id": self.id, "vitaserve.modality": self.turn.modality},
+            record_exception=False, set_status_on_exception=False,
+        ) as span:
+            try:
+                await self._pipeline()
+            except asyncio.CancelledError:
+                span.set_attribute("vitaserve.cancelled", True)
+                raise
+            except VitaserveError as exc:
+                log.info("response %s failed: %s %s", self.id, exc.code, exc.message)
+                span.set_status(Status(StatusCode.ERROR, f"{exc.code}: {exc.message}"))
+                if isinstance(exc, ComponentTimeout):  # the other component errors: instrumented.py
+                    self._telemetry.metrics.component_errors.labels(exc.component, exc.code).inc()
+                self._emit(ErrorEvent(exc.code, exc.message, retryable=exc.retryable))
+            except Exception as exc:  # noqa: BLE001 - reported to the client, the session goes on
+                log.exception("response %s failed", self.id)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                self._emit(ErrorEvent("INTERNAL", f"{type(exc).__name__}: {exc}"))
+            span.set_attribute("vitaserve.tokens", self._tokens)
 
     async def _pipeline(self) -> None:
         vision, audio, encode_ms = await self._encode()
@@ -449,8 +483,10 @@ class Response:
         except BaseExceptionGroup as group_error:
             raise _first_error(group_error) from None
         except TimeoutError:
+            late = ",".join(name for name, task in (("vision_encoder", vision), ("audio_encoder", audio))
+                            if task is not None and task.cancelled())
             raise ComponentTimeout(
-                f"the encoders did not answer within {self._limits.encode_timeout_s:g} s"
+                late, f"the encoders did not answer within {self._limits.encode_timeout_s:g} s"
             ) from None
         arrays = vision.result() if vision is not None else []
         self._check_vision(pictures, arrays)
@@ -495,6 +531,7 @@ class Response:
                     self._tokens += 1
                     if self._first_token_ms is None:
                         self._first_token_ms = self._ms_since_commit()
+                        self._telemetry.metrics.time_to_first_token.observe(self._first_token_ms / 1000.0)
                 clean = cleaner.push(delta.text)
                 self._mark = cleaner.mark
                 if cleaner.mark == MARK_NOISE:
@@ -567,6 +604,7 @@ class Response:
                         )
                         if self._first_audio_ms is None:
                             self._first_audio_ms = self._ms_since_commit()
+                            self._telemetry.metrics.time_to_first_audio.observe(self._first_audio_ms / 1000.0)
                         self._seq += 1
                         self._audio_ms += duration
                         seg_ms += duration

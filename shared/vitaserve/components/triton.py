@@ -24,6 +24,10 @@ stream that has already produced output is never retried (its output would repea
   `Unavailable`, Triton's INVALID_ARGUMENT -> `InvalidInput` with Triton's message, anything else ->
   `VitaserveError`.
 
+Trace context: every request carries the W3C `traceparent` of the current OpenTelemetry span (if one is
+valid) in its gRPC headers, so a Triton started with `--trace-config mode=opentelemetry` continues the
+caller's trace; nothing is added while tracing is off.
+
 gRPC aio channels belong to the event loop that creates them, so clients are created lazily inside the
 first coroutine that needs them; using the object from another event loop later creates fresh channels.
 """
@@ -40,6 +44,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
+from opentelemetry import propagate, trace
 from tritonclient.utils import InferenceServerException
 
 from vitaserve.cluster.discovery import Endpoint, StaticDiscovery
@@ -266,7 +271,7 @@ class TritonComponents(ComponentClient):
         self._active[endpoint.url] += 1
         try:
             call = client.infer(spec.name, _inputs(spec, values), outputs=_outputs(spec), request_id=request_id,
-                                client_timeout=self.timeout_s)
+                                client_timeout=self.timeout_s, headers=trace_headers())
             # The gRPC deadline bounds the call; the outer bound also covers a stalled channel setup.
             return await asyncio.wait_for(call, self.timeout_s + 1.0)
         except InferenceServerException as exc:
@@ -364,7 +369,8 @@ class TritonComponents(ComponentClient):
         request = {"model_name": spec.name, "inputs": _inputs(spec, values), "outputs": _outputs(spec),
                    "request_id": request_id}
         try:
-            responses = client.stream_infer(_single(request), stream_timeout=self.stream_timeout_s)
+            responses = client.stream_infer(_single(request), stream_timeout=self.stream_timeout_s,
+                                            headers=trace_headers())
         except InferenceServerException as exc:
             raise self._error(spec.name, exc.message() or str(exc), exc.status(), url) from None
         first = True
@@ -415,6 +421,16 @@ class TritonComponents(ComponentClient):
 
 # ---------------------------------------------------------------------------------------------------
 # Request building
+
+
+def trace_headers() -> dict[str, str] | None:
+    """The W3C trace context (`traceparent`, `tracestate`) of the current span for a request's headers;
+    None when there is no valid span (tracing off)."""
+    if not trace.get_current_span().get_span_context().is_valid:
+        return None
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier or None
 
 
 def _int(value: Any, name: str, bounds: tuple[int, int]) -> int:
