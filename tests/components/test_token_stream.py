@@ -27,6 +27,8 @@ class FakeSender:
     def __init__(self) -> None:
         self.sent: list[tuple[object, int]] = []
         self.done = threading.Event()
+        self.polls = 0
+        self.cancelled = False
 
     def send(self, response: object = None, flags: int = 0) -> None:
         self.sent.append((response, flags))
@@ -34,7 +36,8 @@ class FakeSender:
             self.done.set()
 
     def is_cancelled(self) -> bool:
-        return False
+        self.polls += 1
+        return self.cancelled
 
 
 class FakeRequest:
@@ -171,3 +174,22 @@ def test_cancel_drops_pending_tokens_and_an_error_follows_them(pb) -> None:
                            (("error", "[RESOURCE_EXHAUSTED] queue full"), FINAL)]
     assert any("request_id='c'" in line and "outcome=cancelled" in line for line in pb.logs), pb.logs
     assert any("request_id='e'" in line and "outcome=error RESOURCE_EXHAUSTED" in line for line in pb.logs)
+
+
+def test_cancellation_is_polled_by_the_sender_and_by_the_engine_only_when_nobody_asked(pb) -> None:
+    dispatcher = backend.ResponseDispatcher("m", threads=1)
+    sender = FakeSender()
+    stream = dispatcher.open_tokens(FakeRequest(sender), build)
+    stream.cancel_poll_s = 0.05
+    assert not stream.is_cancelled() and sender.polls == 1  # never asked: the engine asks
+    assert not stream.is_cancelled() and sender.polls == 1  # asked just now: no IPC
+    sender.cancelled = True
+    time.sleep(0.06)
+    stream.push(1)  # not on the engine thread: sent at once, and the send asks Triton (due again)
+    deadline = time.monotonic() + 5
+    while sender.polls < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sender.polls == 2 and stream.is_cancelled()  # the engine reads the sender's answer
+    stream.close(outcome="cancelled")
+    assert sender.done.wait(5)
+    dispatcher.shutdown()
