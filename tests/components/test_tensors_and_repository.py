@@ -24,7 +24,13 @@ from vitaserve.components.tensors import (
     unpack_media,
 )
 from vitaserve.errors import InvalidInput, ResourceExhausted, Unavailable, VitaserveError
-from vitaserve.triton.repository import CHECKED_IN, LLM_ENGINE_DEFAULTS, render_config, render_repository
+from vitaserve.triton.repository import (
+    CHECKED_IN,
+    LLM_ENGINE_DEFAULTS,
+    LLM_STREAM_DEFAULTS,
+    render_config,
+    render_repository,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -71,7 +77,7 @@ def test_gpu_rendering(tmp_path: Path) -> None:
     assert llm["instance_group"] == [{"kind": "KIND_GPU", "count": 2}]
     params = {k: v["string_value"] for k, v in llm["parameters"].items()}
     assert params == {"checkpoint_dir": "/models/VITA-1.5", "dtype": "bfloat16", "device": "cuda",
-                      **LLM_ENGINE_DEFAULTS}  # the LLM batches every stream on one engine thread
+                      **LLM_ENGINE_DEFAULTS, **LLM_STREAM_DEFAULTS}  # one engine thread batches every stream
     assert (out / "llm_decoder" / "1" / "model.py").read_text() == (
         CHECKED_IN / "llm_decoder" / "1" / "model.py").read_text()
 

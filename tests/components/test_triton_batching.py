@@ -163,3 +163,34 @@ def test_a_full_queue_is_resource_exhausted_and_an_oversized_request_invalid(sma
 
 async def _collect(stream) -> list:  # noqa: ANN001
     return [item async for item in stream]
+
+
+def test_coalesced_responses_of_many_streams_equal_in_process_and_a_lone_stream_gets_one_token_each(
+        triton_server, engines) -> None:
+    """16 streams at once: the model coalesces each stream's tokens while its senders are behind (several
+    tokens per response), yet every stream's deltas (ids, text, finish) equal the in-process engine's.
+    A lone stream afterwards gets (nearly) one token per response (first-token rule: test_token_stream)."""
+    texts = prompts(16)
+    params = GenerationParams(max_tokens=40)
+
+    async def all_streams(client: TritonComponents) -> tuple[list[list], list]:
+        async def one(i: int) -> list:
+            return [d async for d in client.generate(texts[i], [], params, request_id=f"coalesce-{i}")]
+
+        many = await asyncio.gather(*(one(i) for i in range(len(texts))))
+        lone = [d async for d in client.generate(texts[0], [], params, request_id="coalesce-lone")]
+        return many, lone
+
+    many, lone = run(all_streams, triton_server.grpc_url)
+    expected = [list(engines["llm_decoder"].generate(t, [], params)) for t in texts]
+    assert many == expected
+    assert lone == expected[0]
+    lines = [log_line(triton_server, f"coalesce-{i}") for i in range(len(texts))]
+    sizes = [tuple(int(re.search(rf"{k}=(\d+)", line).group(1)) for k in ("tokens", "responses")) for line in lines]
+    assert [t for t, _ in sizes] == [sum(d.token_id is not None for d in e) for e in expected]
+    per_response = sum(t for t, _ in sizes) / sum(r for _, r in sizes)
+    assert per_response > 1.2, sizes  # 16 streams' senders are behind: their tokens share responses
+    line = log_line(triton_server, "coalesce-lone")
+    tokens, responses = (int(re.search(rf"{k}=(\d+)", line).group(1)) for k in ("tokens", "responses"))
+    # one token per response, but a sender thread descheduled by a busy machine may coalesce a few
+    assert tokens == sum(d.token_id is not None for d in expected[0]) and responses >= 0.75 * tokens, line

@@ -13,7 +13,7 @@ Models (dims exclude the batch dimension when `max_batch_size > 0`):
     audio_encoder   batched (dynamic, ragged: requests of different lengths share one execute)
         PCM FP32 [-1]            16 kHz mono in [-1, 1)
         -> EMBEDDINGS FP32 [-1, -1]   (n_tokens, H) for one `<audio>` placeholder
-    llm_decoder     decoupled (one response per token; continuous batching across requests)
+    llm_decoder     decoupled (responses of one or more tokens each; continuous batching across requests)
         PROMPT BYTES [1]         ChatML prompt (UTF-8) with `<image>`/`<audio>` placeholders
         MEDIA_EMBEDS FP32 [-1, -1]  optional: the rows of all placeholders, concatenated in prompt order
         MEDIA_ROWS INT32 [-1]    optional: rows per placeholder (sums to MEDIA_EMBEDS' row count)
@@ -21,9 +21,12 @@ Models (dims exclude the batch dimension when `max_batch_size > 0`):
         SEED INT64 [1]           optional: reproducible sampling
         SESSION_ID BYTES [1]     optional: the caller's session; its next request reuses the KV cache of
                                  this one where the prompt extends it exactly (`vitaserve.batching`)
-        -> TOKEN_ID INT64 [1]    the token, or -1 on a last response that carries no token
-           TEXT BYTES [1]        the text this token completes (UTF-8; may be empty)
-           FINISH_REASON BYTES [1]  empty until the last response: "stop" | "length"
+        -> TOKEN_ID INT64 [-1]   the tokens produced since the stream's previous response, in order (one
+                                 while the model's sender keeps up; several when it coalesces them); the
+                                 last response ends with the entry -1 (no token: the detokeniser's rest)
+           TEXT BYTES [-1]       one entry per TOKEN_ID entry: the text that token completes (UTF-8; may
+                                 be empty), as the model's streaming detokeniser produced it
+           FINISH_REASON BYTES [1]  empty until the last response: "stop" | "length" (of its last entry)
     speech_synth    decoupled (one response per audio chunk)
         TEXT BYTES [1]           one text segment (a sentence) of the reply
         FIRST_SENTENCE BOOL [1]  the reply's first segment: shorter first chunk, silence trim
@@ -66,7 +69,7 @@ TRITON_DTYPES: dict[str, tuple[str, Any]] = {
     "FP32": ("TYPE_FP32", np.float32),
 }
 
-NO_TOKEN = -1  # TOKEN_ID of a last llm_decoder response that carries no token
+NO_TOKEN = -1  # the TOKEN_ID entry ending a last llm_decoder response: it carries no token
 
 
 @dataclass(frozen=True)
@@ -202,8 +205,8 @@ LLM_DECODER = ModelSpec(
         TensorSpec("SESSION_ID", "BYTES", (1,), optional=True),
     ),
     outputs=(
-        TensorSpec("TOKEN_ID", "INT64", (1,)),
-        TensorSpec("TEXT", "BYTES", (1,)),
+        TensorSpec("TOKEN_ID", "INT64", (-1,)),
+        TensorSpec("TEXT", "BYTES", (-1,)),
         TensorSpec("FINISH_REASON", "BYTES", (1,)),
     ),
     decoupled=True,

@@ -14,7 +14,9 @@ stream that has already produced output is never retried (its output would repea
 
 - Unary calls (`encode_images`, `encode_audio`) carry a gRPC deadline of `timeout_s`. Several images are
   sent as concurrent one-image requests, which Triton's dynamic batcher groups into one `execute()`.
-- Streams (`generate`, `synthesize`) send one request per gRPC stream. Closing the async iterator or
+- Streams (`generate`, `synthesize`) send one request per gRPC stream. An llm_decoder response may carry
+  several tokens (the model coalesces them when its sender is behind); `generate` still yields one
+  `TokenDelta` per token. Closing the async iterator or
   cancelling the task that iterates it cancels the gRPC call; Triton then reports the request cancelled
   to the model, whose `is_cancelled()` turns true within milliseconds (shared/TRITON.md §5).
   The first response must arrive within `first_response_timeout_s`, the whole stream within
@@ -311,17 +313,19 @@ class TritonComponents(ComponentClient):
         # Session affinity: the session's earlier turns are cached on that server.
         async with aclosing(self._stream(LLM_DECODER, values, request_id, affinity=session_id)) as results:
             async for result in results:
-                token = int(result.as_numpy("TOKEN_ID")[0])
                 finish = result.as_numpy("FINISH_REASON")[0].decode("utf-8") or None
-                delta = TokenDelta(None if token == NO_TOKEN else token, result.as_numpy("TEXT")[0].decode(), finish)
+                deltas = _token_deltas(result.as_numpy("TOKEN_ID"), result.as_numpy("TEXT"), finish)
                 if finish is None:
-                    yield delta
+                    for delta in deltas:
+                        yield delta
                     continue
-                # Read the stream to its end before handing out the last delta (callers often stop there).
-                # Cancelling a gRPC stream whose request the model has already finished makes Triton 2.51
-                # keep that request forever: the model then never unloads (the server's exit times out).
+                # Read the stream to its end before handing out any delta of the last response (callers
+                # often stop at one of them). Cancelling a gRPC stream whose request the model has already
+                # finished makes Triton 2.51 keep that request forever: the model then never unloads (the
+                # server's exit times out).
                 await _drain(results, self.timeout_s)
-                yield delta
+                for delta in deltas:
+                    yield delta
                 return
 
     async def synthesize(
@@ -463,6 +467,20 @@ def _rpc_code(exc: grpc.RpcError) -> str:
 
 def _rpc_details(exc: grpc.RpcError) -> str:
     return (exc.details() if hasattr(exc, "details") else None) or str(exc)
+
+
+def _token_deltas(ids: np.ndarray, texts: np.ndarray, finish: str | None) -> list[TokenDelta]:
+    """The deltas of one llm_decoder response: one per entry of TOKEN_ID/TEXT (a response carries the
+    tokens produced since the stream's previous one); `finish` goes on the last entry only."""
+    ids, texts = ids.reshape(-1), texts.reshape(-1)
+    if len(ids) != len(texts):
+        raise VitaserveError(f"llm_decoder sent {len(ids)} TOKEN_ID entries but {len(texts)} TEXT entries")
+    if not len(ids):
+        return [TokenDelta(None, "", finish)] if finish is not None else []
+    last = len(ids) - 1
+    return [TokenDelta(None if token == NO_TOKEN else int(token), text.decode("utf-8"),
+                       finish if i == last else None)
+            for i, (token, text) in enumerate(zip(ids.tolist(), texts.tolist()))]
 
 
 async def _drain(results: AsyncIterator[Any], timeout_s: float) -> None:

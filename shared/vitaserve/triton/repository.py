@@ -39,6 +39,9 @@ LLM_ENGINE_DEFAULTS = {
     "prefill_chunk": "512",
     "prefix_cache": "true",
 }
+# llm_decoder's response stream (`vitaserve.triton.backend.TokenStream`): tokens per coalesced response,
+# 0 = unbounded (a response carries every token produced since the stream's previous one).
+LLM_STREAM_DEFAULTS = {"max_tokens_per_response": "0"}
 
 
 def render_config(spec: ModelSpec, *, checkpoint_dir: str = "", dtype: str = "float32", kind: str = "cpu",
@@ -71,10 +74,11 @@ def render_config(spec: ModelSpec, *, checkpoint_dir: str = "", dtype: str = "fl
     lines.append(f"instance_group [ {{ kind: {kind_name}, count: {instances} }} ]")
     params = {"checkpoint_dir": checkpoint_dir, "dtype": dtype, "device": device}
     if spec.name == "llm_decoder":  # one engine thread batches every stream: no worker threads to size
-        unknown = sorted(set(llm_engine or {}) - set(LLM_ENGINE_DEFAULTS))
+        known = {**LLM_ENGINE_DEFAULTS, **LLM_STREAM_DEFAULTS}
+        unknown = sorted(set(llm_engine or {}) - set(known))
         if unknown:
-            raise ValueError(f"unknown llm_decoder engine parameter(s) {unknown}; known: {sorted(LLM_ENGINE_DEFAULTS)}")
-        params.update({**LLM_ENGINE_DEFAULTS, **{k: str(v) for k, v in (llm_engine or {}).items()}})
+            raise ValueError(f"unknown llm_decoder engine parameter(s) {unknown}; known: {sorted(known)}")
+        params.update({**known, **{k: str(v) for k, v in (llm_engine or {}).items()}})
     elif spec.decoupled:
         params["max_streams"] = str(max_streams)
     lines += [f'parameters {{ key: "{key}" value: {{ string_value: "{_escape(value)}" }} }}'
@@ -114,7 +118,8 @@ def render_repository(
     kind: 'cpu' (KIND_CPU, device cpu) or 'gpu' (KIND_GPU, each instance on its GPU).
     instances: instances per model (per GPU under KIND_GPU).
     max_streams: streams one instance of speech_synth serves at once (worker threads).
-    llm_engine: llm_decoder engine parameters overriding LLM_ENGINE_DEFAULTS (kv_cache_tokens, max_batch, ...).
+    llm_engine: llm_decoder parameters overriding LLM_ENGINE_DEFAULTS (kv_cache_tokens, max_batch, ...) and
+        LLM_STREAM_DEFAULTS (max_tokens_per_response).
     source: repository to copy the model.py adapters from (default: the checked-in one).
     """
     names = list(MODELS) if models is None else list(models)
@@ -154,7 +159,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS,
                         help="concurrent streams per instance of speech_synth")
     parser.add_argument("--llm-engine", action="append", default=[], metavar="KEY=VALUE",
-                        help="llm_decoder engine parameter, repeatable: " + ", ".join(LLM_ENGINE_DEFAULTS))
+                        help="llm_decoder engine/stream parameter, repeatable: "
+                        + ", ".join([*LLM_ENGINE_DEFAULTS, *LLM_STREAM_DEFAULTS]))
     parser.add_argument("--models", default=None, help="comma-separated subset (default: all four)")
     parser.add_argument("--source", default=None,
                         help="repository to copy the model.py adapters from (default: the checked-in one; "
