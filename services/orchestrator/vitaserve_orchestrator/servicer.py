@@ -249,10 +249,6 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     async def Converse(  # noqa: N802 - the gRPC method name
         self, request_iterator: AsyncIterator[pb.ClientEvent], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ServerEvent]:
-        try:
-            tenant = self._auth.authenticate(context.invocation_metadata())
-        except VitaserveError as exc:
-            await abort(context, exc)
         requests = aiter(request_iterator)
         try:
             async with asyncio.timeout(self._config.first_event_timeout_s):
@@ -262,6 +258,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"no session_update within {self._config.first_event_timeout_s:g} s",
             )
+        # Authenticated after the first event is read, not before: aborting while the client's first
+        # write is still in flight makes grpc report that write's failure ("Internal error from Core",
+        # INTERNAL) to the client instead of this status. The read is bounded by the timeout above and
+        # by grpc_max_message_bytes.
+        try:
+            tenant = self._auth.authenticate(context.invocation_metadata())
+        except VitaserveError as exc:
+            await abort(context, exc)
         if first is None or first.WhichOneof("event") != "session_update":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first event must be session_update")
 
