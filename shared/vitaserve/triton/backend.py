@@ -239,17 +239,17 @@ class CancelPoll:
 
     def __init__(self, sender: Any, interval_s: float = 0.005) -> None:
         self._sender = sender
-        self._interval_s = interval_s
-        self._polled_at = -float("inf")
-        self._cancelled = False
+        self.interval_s = interval_s
+        self.polled_at = -float("inf")  # time.monotonic() of the last ask
+        self.cancelled = False  # the last answer (True is final)
 
     def __call__(self) -> bool:
-        if not self._cancelled:
+        if not self.cancelled:
             now = time.monotonic()
-            if now - self._polled_at >= self._interval_s:
-                self._polled_at = now
-                self._cancelled = bool(self._sender.is_cancelled())
-        return self._cancelled
+            if now - self.polled_at >= self.interval_s:
+                self.polled_at = now
+                self.cancelled = bool(self._sender.is_cancelled())
+        return self.cancelled
 
 
 class StreamWorkers:
@@ -437,28 +437,27 @@ class DecoupledStream:
     step) and remembers a True.
     """
 
-    cancel_poll_s = 0.01
-
     def __init__(self, dispatcher: ResponseDispatcher, request: Any, index: int) -> None:
         self._dispatcher = dispatcher
         self._index = index
-        self._polled_at = 0.0
-        self._cancelled = False
         self._request: Any = request  # held until closed: Triton owns it while responses may follow
         self._sender = request.get_response_sender()
+        self._poll = CancelPoll(self._sender, interval_s=0.01)
         self.request_id = request.request_id()
         self.started = time.monotonic()
         self.sent = 0
         self._closed = False
 
+    @property
+    def cancel_poll_s(self) -> float:
+        return self._poll.interval_s
+
+    @cancel_poll_s.setter
+    def cancel_poll_s(self, value: float) -> None:
+        self._poll.interval_s = value
+
     def is_cancelled(self) -> bool:
-        if self._cancelled or self._closed:
-            return True
-        now = time.monotonic()
-        if now - self._polled_at >= self.cancel_poll_s:
-            self._polled_at = now
-            self._cancelled = bool(self._sender.is_cancelled())
-        return self._cancelled
+        return self._closed or self._poll()
 
     def post(self, make: Callable[[], Any]) -> None:
         self._dispatcher.post(self._index, lambda: self._send(make))
@@ -527,9 +526,9 @@ class TokenStream(DecoupledStream):
         `cancel_poll_s` (the IPC round trip then overlaps the engine's forward instead of delaying its
         step: measured ~10% of the engine thread with 16 streams); here only when nobody asked for
         2 x `cancel_poll_s` (a request still queued or in prefill has no sends)."""
-        if self._cancelled or self._closed:
+        if self._poll.cancelled or self._closed:
             return True
-        if time.monotonic() - self._polled_at >= 2 * self.cancel_poll_s:
+        if time.monotonic() - self._poll.polled_at >= 2 * self.cancel_poll_s:
             return super().is_cancelled()
         return False
 
