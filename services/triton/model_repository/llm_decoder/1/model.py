@@ -2,10 +2,11 @@
 
 `execute()` validates each request and hands it to the instance's continuous-batching engine
 (`vitaserve.batching.BatchEngine`, one engine thread: requests of all sessions share each decode step) and
-returns at once. Token responses go out on one dispatcher thread through each request's response sender
-(`backend.DecoupledStream`); the last response carries FINISH_REASON ("stop" or "length") and TOKEN_ID -1,
-and the final flag is always sent: done, cancelled (Triton's `is_cancelled()`, polled by the engine every
-step, frees the request's KV blocks at once) or error (RESOURCE_EXHAUSTED when the engine's queue is full).
+returns at once. Token responses go out on two sender threads through each request's response sender
+(`backend.DecoupledStream`), handed over once per engine step. The last response carries FINISH_REASON
+("stop" or "length") and TOKEN_ID -1, and the final flag is always sent: done, cancelled (Triton's
+`is_cancelled()`, asked by the engine every step, at most every 10 ms per request, frees the request's KV
+blocks at once) or error (RESOURCE_EXHAUSTED when the engine's queue is full).
 Engine settings are this model's config.pbtxt `parameters` (`EngineConfig.from_parameters`).
 Tensors: `vitaserve.components.tensors.LLM_DECODER`.
 """
