@@ -11,7 +11,8 @@ Sessions start together after one warm-up turn.
 
 Reports, over all turns: time to first token and time to first audio (client clock, from the commit;
 p50 and p99), aggregate LLM tokens/s (tokens of every reply / wall time of the load phase), turns, and
-errors (error events, failed streams, turns without audio when audio was asked for).
+errors (error events, failed streams, turns without audio when audio was asked for), and from the Triton
+log the mean number of prompt positions llm_decoder reused from the session's KV cache per request.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import statistics
 import sys
 import tempfile
@@ -113,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = Path(args.checkpoint) if args.checkpoint else write_tiny_checkpoint(Path(tmp) / "ckpt", seed=0)
         with LocalStack(ckpt, work_dir=Path(tmp) / "stack") as stack:
             result = asyncio.run(load(stack.orchestrator_address, args.sessions, args.turns, args.tokens))
+            # prefix reuse as llm_decoder logged it (positions of each prompt not recomputed)
+            log = (Path(tmp) / "stack" / "triton.log").read_text(errors="replace")
+            reused = [int(n) for n in re.findall(r"llm_decoder request_id=.* kv_reused=(\d+)", log)]
+            result["llm_requests"] = len(reused)
+            result["kv_reused_mean"] = sum(reused) / len(reused) if reused else 0.0
     out = {k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}
     if args.json:
         print(json.dumps(out))
