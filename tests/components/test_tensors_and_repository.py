@@ -27,6 +27,7 @@ from vitaserve.errors import InvalidInput, ResourceExhausted, Unavailable, Vitas
 from vitaserve.triton.repository import (
     CHECKED_IN,
     LLM_ENGINE_DEFAULTS,
+    SPEECH_ENGINE_DEFAULTS,
     LLM_STREAM_DEFAULTS,
     render_config,
     render_repository,
@@ -100,6 +101,27 @@ def test_llm_engine_parameters_render_and_parse(tmp_path: Path) -> None:
         EngineConfig.from_parameters({"max_batch": "lots"})
     with pytest.raises(ValueError, match="prefix_cache must be true or false"):
         EngineConfig.from_parameters({"prefix_cache": "maybe"})
+
+
+def test_speech_engine_parameters_render_and_parse(tmp_path: Path) -> None:
+    import inspect
+
+    from vitaserve.batching import SpeechBatchConfig
+    from vitaserve.components.engines import SpeechEngine
+
+    batch_keys = {k: v for k, v in SPEECH_ENGINE_DEFAULTS.items() if k != "codec_workers"}
+    assert SpeechBatchConfig.from_parameters(batch_keys) == SpeechBatchConfig(), \
+        "SPEECH_ENGINE_DEFAULTS differ from SpeechBatchConfig's defaults"
+    codec_default = inspect.signature(SpeechEngine).parameters["codec_workers"].default
+    assert SPEECH_ENGINE_DEFAULTS["codec_workers"] == str(codec_default)
+    out = render_repository(tmp_path, models=["speech_synth"], max_streams=16,
+                            speech_engine={"max_queue": "8", "codec_workers": "2"})
+    params = {k: v["string_value"] if v else "" for k, v in parsed((out / "speech_synth" / "config.pbtxt").read_text())
+              ["parameters"].items()}
+    assert params["max_streams"] == "16" and params["codec_workers"] == "2"
+    assert SpeechBatchConfig.from_parameters(params) == SpeechBatchConfig(max_queue=8)
+    with pytest.raises(ValueError, match="unknown speech_synth engine parameter"):
+        render_repository(tmp_path, models=["speech_synth"], speech_engine={"max_batch": "3"})
 
 
 def test_render_rejects_bad_options(tmp_path: Path) -> None:

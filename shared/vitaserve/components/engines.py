@@ -7,7 +7,8 @@ component holds only that component's memory:
 - `AudioEngine`   16 kHz PCM -> fbank -> one padded batch through the whale encoder + adapter
 - `LLMEngine`     ChatML prompt + media rows -> streamed `TokenDelta`s (cancellable between tokens); requests
                   of all callers share decode steps in one `vitaserve.batching.BatchEngine`
-- `SpeechEngine`  a text segment -> speech codes -> streamed 24 kHz float32 PCM chunks (cancellable)
+- `SpeechEngine`  a text segment -> speech codes -> streamed 24 kHz float32 PCM chunks (cancellable); the
+                  segments of all callers share decode steps in one `vitaserve.batching.SpeechBatcher`
 
 Batched engines split their work into `preprocess` (per item; a bad item raises `InvalidInput` without
 affecting the others) and `forward` (one torch call for many items), so a Triton `execute()` can answer a
@@ -31,7 +32,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from vitaserve.batching import BatchEngine, EngineConfig, RequestHandle, TokenSink, sequence_keys
+from vitaserve.batching import (
+    BatchEngine,
+    CodeSampling,
+    EngineConfig,
+    RequestHandle,
+    SpeechBatchConfig,
+    SpeechBatcher,
+    SpeechHandle,
+    TokenSink,
+    sequence_keys,
+)
 from vitaserve.components.base import GenerationParams, ImageInput, TokenDelta
 from vitaserve.errors import InvalidInput, VitaserveError
 from vitaserve.models.audio import kaldi_fbank, validate_waveform
@@ -362,10 +373,72 @@ def speech_code_limit(n_text_tokens: int) -> int:
     return min(SPEECH_MAX_CODES, SPEECH_CODES_BASE + SPEECH_CODES_PER_TEXT_TOKEN * n_text_tokens)
 
 
-class SpeechEngine:
-    """A text segment -> streamed 24 kHz float32 PCM chunks (the reference's speech decoder + codec)."""
+class _CodeChannel:
+    """The speech batcher's CodeSink for one segment: codes gather here (engine thread) until the consumer
+    takes them (its own thread). The consumer is woken only once `want` codes are in or the segment
+    ended, so it wakes about once per codec window, not once per code."""
 
-    def __init__(self, checkpoint: CheckpointDir, *, dtype: str = "float32", device: str = "cpu") -> None:
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._codes: list[int] = []
+        self._end: tuple[str, VitaserveError | None] | None = None
+        self._want = 1
+
+    def on_code(self, code: int) -> None:
+        with self._cv:
+            self._codes.append(code)
+            if len(self._codes) >= self._want:
+                self._cv.notify()
+
+    def on_finish(self, reason: str, error: VitaserveError | None) -> None:
+        with self._cv:
+            self._end = (reason, error)
+            self._cv.notify()
+
+    def take(self, want: int, timeout: float) -> tuple[list[int], tuple[str, VitaserveError | None] | None]:
+        """Wait up to `timeout` s for `want` codes or the end; return the codes so far and the end (once
+        set, every code is already in the list)."""
+        with self._cv:
+            self._want = want
+            if len(self._codes) < want and self._end is None:
+                self._cv.wait(timeout)
+            codes, self._codes = self._codes, []
+            return codes, self._end
+
+
+class SpeechStream:
+    """The PCM chunks of one segment (an iterator; `close()` cancels the segment), with its batcher
+    handle (None for text with nothing to speak) for stats such as the batch sizes it ran in."""
+
+    def __init__(self, chunks: Iterator[np.ndarray], handle: SpeechHandle | None) -> None:
+        self._chunks = chunks
+        self.handle = handle
+
+    def __iter__(self) -> SpeechStream:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+
+class SpeechEngine:
+    """A text segment -> streamed 24 kHz float32 PCM chunks (the reference's speech decoder + codec).
+
+    The speech decoder's AR loop runs in one `vitaserve.batching.SpeechBatcher` shared by every caller:
+    the segments of all sessions advance together, one code each per batched step. The codec runs on
+    the caller's thread (the one iterating `synthesize`), at most `codec_workers` windows at a time over
+    all callers, so codec work queues instead of thrashing the cores the batched step needs.
+    """
+
+    def __init__(self, checkpoint: CheckpointDir, *, dtype: str = "float32", device: str = "cpu",
+                 batch_config: SpeechBatchConfig | None = None, codec_workers: int = 1) -> None:
+        if codec_workers < 1:
+            raise ValueError(f"codec_workers must be >= 1, got {codec_workers}")
         self.tokenizer = LockedTokenizer(checkpoint.tokenizer())
         self.embeddings = checkpoint.load_embedding_table(dtype, device)
         self.decoder = checkpoint.load_speech_decoder(dtype, device)
@@ -373,15 +446,36 @@ class SpeechEngine:
         self.device = torch.device(device)
         self.sample_rate = SPEECH_SAMPLE_RATE
         self.samples_per_code = self.codec.cfg.samples_per_token
+        self.batch_config = batch_config or SpeechBatchConfig()
+        self._codec_slots = threading.BoundedSemaphore(codec_workers)
+        self._batcher: SpeechBatcher | None = None
+        self._batcher_lock = threading.Lock()
+
+    @property
+    def batcher(self) -> SpeechBatcher:
+        with self._batcher_lock:
+            if self._batcher is None:
+                self._batcher = SpeechBatcher(self.decoder, self.batch_config)
+            return self._batcher
+
+    def close(self) -> None:
+        """Stop the batcher; unfinished segments end with Unavailable."""
+        with self._batcher_lock:
+            batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
 
     def synthesize(self, text: str, first_sentence: bool = False, seed: int | None = None,
-                   is_cancelled: IsCancelled = _never, *, greedy: bool = False) -> Iterator[np.ndarray]:
-        """Validate (raising InvalidInput at once), then return the stream of PCM chunks.
+                   is_cancelled: IsCancelled = _never, *, greedy: bool = False) -> SpeechStream:
+        """Validate and queue the segment (raising InvalidInput or ResourceExhausted at once), then return
+        the stream of PCM chunks.
 
         The state marks are stripped; text that is empty afterwards yields no chunks. Codes are drawn by
-        top-k 2 sampling from a generator seeded with `seed` (or argmax with `greedy`). The first sentence
-        uses the reference's 20-code first chunk, 0.1 join threshold and silence trim; later sentences 40
-        codes and 0.015. `is_cancelled()` is polled before every speech code.
+        top-k 2 sampling from a generator seeded with `seed` (or argmax with `greedy`); a segment's codes
+        do not depend on the segments it is batched with. The first sentence uses the reference's 20-code
+        first chunk, 0.1 join threshold and silence trim; later sentences 40 codes and 0.015.
+        `is_cancelled()` is polled by the batcher every step and by the consumer while it waits; a
+        cancelled segment stops within one step and its remaining audio is dropped.
         """
         if not isinstance(text, str):
             raise InvalidInput(f"text must be a string, got {type(text).__name__}")
@@ -393,33 +487,42 @@ class SpeechEngine:
         clean = strip_state_marks(text)[0].strip()
         ids = self.tokenizer.encode(clean, add_special_tokens=False) if clean else []
         if not ids:
-            return iter(())
+            return SpeechStream(iter(()), None)
         hidden = self.decoder.text_to_hidden(self.embeddings[torch.tensor(ids, device=self.embeddings.device)])
         generator = None
         if seed is not None and not greedy:
             # torch.Generator seeds must be non-negative 64-bit values.
             generator = torch.Generator(device=self.device).manual_seed(int(seed) & (2**64 - 1))
-        codes = self.decoder.generate(hidden, max_tokens=speech_code_limit(len(ids)), top_k=2, greedy=greedy,
-                                      generator=generator)
+        channel = _CodeChannel()
+        sampling = CodeSampling(max_tokens=speech_code_limit(len(ids)), top_k=2, greedy=greedy)
+        handle = self.batcher.submit(hidden, sampling, channel, generator=generator, is_cancelled=is_cancelled)
         if first_sentence:
             stream = StreamingDecoder(self.codec, first_chunk=20, first_threshold=0.1, trim_silence=True)
         else:
             stream = StreamingDecoder(self.codec, first_chunk=40, first_threshold=0.015, trim_silence=False)
-        return self._chunks(codes, stream, is_cancelled)
+        return SpeechStream(self._chunks(channel, handle, stream, is_cancelled), handle)
 
-    def _chunks(self, codes: Iterator[Any], stream: StreamingDecoder, is_cancelled: IsCancelled
-                ) -> Iterator[np.ndarray]:
+    def _chunks(self, channel: _CodeChannel, handle: SpeechHandle, stream: StreamingDecoder,
+                is_cancelled: IsCancelled) -> Iterator[np.ndarray]:
         try:
             while True:
                 if is_cancelled():
                     return  # a cancelled segment's remaining audio is dropped, not flushed
-                try:
-                    code = next(codes)
-                except StopIteration:
+                codes, end = channel.take(stream.codes_until_decode, timeout=0.05)
+                if codes:
+                    with self._codec_slots:
+                        pieces = [piece for code in codes for piece in stream.push(code)]
+                    yield from pieces
+                if end is not None:
+                    reason, error = end
+                    if error is not None:
+                        raise error
+                    if reason == "cancelled":
+                        return
                     break
-                yield from stream.push(int(code))
         finally:
-            close = getattr(codes, "close", None)
-            if close is not None:
-                close()
-        yield from stream.flush()
+            if not handle.done:
+                handle.cancel()  # closed early or cancelled: frees the batch row at the next step
+        with self._codec_slots:
+            rest = stream.flush()
+        yield from rest

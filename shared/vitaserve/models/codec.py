@@ -384,6 +384,11 @@ class StreamingDecoder:
                 piece = piece[loud[0]:]
         return [piece.astype(np.float32, copy=False)]
 
+    @property
+    def codes_until_decode(self) -> int:
+        """How many more ids `push` needs before it decodes the next window (at least 1)."""
+        return max(1, self._left + self.chunk + self.overlap - len(self._tokens))
+
     def push(self, token: int) -> list[np.ndarray]:
         """Add one codec id; return the audio pieces that became final (zero or one)."""
         try:

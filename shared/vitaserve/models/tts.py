@@ -273,33 +273,107 @@ class SpeechDecoder(nn.Module):
     ) -> Iterator[GenerateItem]:
         cfg = self.cfg
         device = hidden.device
-        bos = self.embedding(torch.tensor([[cfg.bos_id]], device=device))
-        prompt = torch.cat([bos, self.prenet(hidden)], dim=1)
+        prompt = self._prompt(hidden)
         caches = [_KVCache(prompt.shape[1] + max_tokens) for _ in self.layers]
         self._run(self.layers, prompt, 0, caches)  # fills the caches; its hidden output is unused
 
-        blocked = torch.zeros(cfg.odim + 4, dtype=torch.bool, device=device)
-        blocked[[cfg.bos_id, cfg.sos_id, cfg.pad_id]] = True
         history = [cfg.sos_id]
         cur = cfg.sos_id
         for _ in range(max_tokens):
             x = self.embedding(torch.tensor([[cur]], device=device))
             h = self._run(self.layers, x, caches[0].length, caches)
             logits = self.out_fnn(self.norm(h))[0, -1].float()
-            scores = logits.clone()
-            if penalty_window > 0:
-                recent = torch.tensor(sorted(set(history[-penalty_window:])), device=device)
-                scores[recent] = scores[recent] / penalty
-            scores[blocked] = float("-inf")
-            if greedy:
-                token = int(torch.argmax(scores))
-            else:
-                token = _sample_top_k(scores, top_k, generator)
+            token = self.choose_code(logits, history, top_k=top_k, greedy=greedy, generator=generator,
+                                     penalty_window=penalty_window, penalty=penalty)
             if token == cfg.eos_id:
                 return
             history.append(token)
             cur = token
             yield (token, logits) if return_logits else token
+
+
+    def _prompt(self, hidden: Tensor) -> Tensor:
+        """[BOS, prenet(hidden)]: the prompt of the AR layers (hidden already checked)."""
+        bos = self.embedding(torch.tensor([[self.cfg.bos_id]], device=hidden.device))
+        return torch.cat([bos, self.prenet(hidden)], dim=1)
+
+    def _blocked(self, device: torch.device) -> Tensor:
+        """The ids never chosen (BOS, SOS, PAD: spec §8.17), as a mask over the logits; built once."""
+        blocked = self.__dict__.get("_blocked_ids")
+        if blocked is None or blocked.device != device:
+            blocked = torch.zeros(self.cfg.odim + 4, dtype=torch.bool, device=device)
+            blocked[[self.cfg.bos_id, self.cfg.sos_id, self.cfg.pad_id]] = True
+            self.__dict__["_blocked_ids"] = blocked
+        return blocked
+
+    def choose_code(self, logits: Tensor, history: list[int], *, top_k: int = 2, greedy: bool = False,
+                    generator: torch.Generator | None = None, penalty_window: int = -1,
+                    penalty: float = 1.1) -> int:
+        """The next id from one step's float32 logits (odim+4,): the penalty over the last
+        `penalty_window` entries of `history`, the BOS/SOS/PAD guard, then argmax or top-k sampling
+        (see `generate`). May return EOS."""
+        scores = logits.clone()
+        if penalty_window > 0:
+            recent = torch.tensor(sorted(set(history[-penalty_window:])), device=logits.device)
+            scores[recent] = scores[recent] / penalty
+        scores[self._blocked(logits.device)] = float("-inf")
+        if greedy:
+            return int(torch.argmax(scores))
+        return _sample_top_k(scores, top_k, generator)
+
+    # ------------------------------------------------------------------ batched AR steps
+
+    @torch.no_grad()
+    def prompt_kv(self, hidden: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Run one utterance's prompt [BOS, prenet(hidden)] through `layers` (bidirectional, as `generate`
+        does) and return each layer's keys (after RoPE) and values, (1, heads, P, head_dim). `hidden` is
+        (1, N, idim); P = N + 1. The first AR step is then at position P."""
+        hidden = self._check_hidden(hidden)
+        if hidden.shape[0] != 1:
+            raise InvalidInput(f"prompt_kv takes one utterance (batch 1), got batch {hidden.shape[0]}")
+        prompt = self._prompt(hidden)
+        caches = [_KVCache(prompt.shape[1]) for _ in self.layers]
+        self._run(self.layers, prompt, 0, caches)
+        return [(c.k, c.v) for c in caches]  # type: ignore[misc]
+
+    @torch.no_grad()
+    def decode_batch(self, tokens: Tensor, positions: Tensor, keys: list[Tensor], values: list[Tensor]
+                     ) -> Tensor:
+        """One AR step of B utterances at once; returns float32 logits (B, odim+4).
+
+        Row b feeds id `tokens[b]` at position `positions[b]`; its cache is row b of every layer's
+        `keys[l]` / `values[l]` (R >= B rows, heads, capacity, head_dim), holding positions
+        0..positions[b]-1. The step writes its key/value at `positions[b]` and attends over positions
+        0..positions[b] of its own row only (a mask hides the padding up to the batch's widest row), so a
+        row computes what `generate` computes for it alone, up to float rounding of other matrix shapes.
+        """
+        b = tokens.shape[0]
+        width = int(positions.max()) + 1
+        rows = torch.arange(b, device=tokens.device)
+        mask = None
+        if int(positions.min()) + 1 != width:  # rows of different lengths: hide each row's padding
+            mask = torch.arange(width, device=tokens.device)[None, :] > positions[:, None]  # (B, W)
+            mask = mask[:, None, None, :]
+        cos, sin = self.rotary_emb(positions)
+        cos, sin = cos[:, None, None, :], sin[:, None, None, :]  # (B, 1, 1, head_dim) per-row positions
+        h = self.embedding(tokens)[:, None, :]
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = _apply_rope(attn._split(attn.q_proj(x)), cos, sin)
+            k = _apply_rope(attn._split(attn.k_proj(x)), cos, sin)
+            v = attn._split(attn.v_proj(x))
+            keys[i][rows, :, positions] = k[:, :, 0]
+            values[i][rows, :, positions] = v[:, :, 0]
+            k_all, v_all = keys[i][:b, :, :width], values[i][:b, :, :width]
+            scores = torch.matmul(q, k_all.transpose(2, 3)) / math.sqrt(attn.head_dim)
+            if mask is not None:
+                scores = scores.masked_fill(mask, float("-inf"))
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(probs, v_all).transpose(1, 2).reshape(b, 1, -1)
+            h = h + attn.o_proj(out)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.out_fnn(self.norm(h))[:, -1].float()
 
 
 def _sample_top_k(scores: Tensor, k: int, generator: torch.Generator | None) -> int:

@@ -256,10 +256,14 @@ class StreamWorkers:
     """Serve decoupled requests on up to `max_streams` worker threads, so `execute()` returns at once and
     one long stream does not hold back the others.
 
-    `serve(inputs, is_cancelled)` yields the InferenceResponses of one request; `is_cancelled()` is true
-    once the client cancelled the request or the model is unloading. Responses stop at cancellation, an
-    error becomes the request's last response, and the final flag is always sent. One log line per
-    request records its id, responses sent, outcome and duration.
+    `serve(inputs, is_cancelled)` returns (or, as a generator function, is) the iterator of one request's
+    InferenceResponses; `is_cancelled()` is true once the client cancelled the request or the model is
+    unloading. With `eager=True`, `serve` is called in `submit` itself (in `execute()`), so it can
+    validate the request and queue it in an engine at once: what it raises is the request's answer right
+    away, and only the iteration goes to a worker thread. Responses stop at cancellation, an error
+    becomes the request's last response, and the final flag is always sent. One log line per request
+    records its id, responses sent, outcome and duration, then what the iterator's `log_note()` returns
+    if it has one.
     """
 
     def __init__(self, model: str, max_streams: int) -> None:
@@ -267,24 +271,40 @@ class StreamWorkers:
         self._pool = ThreadPoolExecutor(max_workers=max_streams, thread_name_prefix=f"{model}-stream")
         self._stopping = threading.Event()
 
-    def submit(self, request: Any, serve: Callable[[RequestInputs, Callable[[], bool]], Iterator[Any]]) -> None:
+    def submit(self, request: Any, serve: Callable[[RequestInputs, Callable[[], bool]], Iterator[Any]], *,
+               eager: bool = False) -> None:
         sender = request.get_response_sender()
-        self._pool.submit(self._run, request, sender, serve)
-
-    def _run(self, request: Any, sender: Any, serve: Callable[..., Iterator[Any]]) -> None:
-        pb = _pb()
-        started = time.monotonic()
-        sent, outcome, last = 0, "done", None
-
         poll = CancelPoll(sender)
 
         def is_cancelled() -> bool:
             return self._stopping.is_set() or poll()
 
+        started = time.monotonic()
+        if not eager:
+            self._pool.submit(self._run, request, sender, started, is_cancelled,
+                              lambda: serve(RequestInputs(request), is_cancelled))
+            return
         try:
             if self._stopping.is_set():
                 raise Unavailable(f"model {self.model} is unloading")
-            with closing(serve(RequestInputs(request), is_cancelled)) as responses:
+            responses = serve(RequestInputs(request), is_cancelled)
+        except Exception as exc:  # noqa: BLE001 - every request gets an answer
+            self._end(request, sender, started, 0, *self._failure(exc))
+            return
+        self._pool.submit(self._run, request, sender, started, is_cancelled, lambda: responses)
+
+    def _failure(self, exc: BaseException) -> tuple[str, Any]:
+        err = as_vitaserve_error(exc, self.model)
+        return f"error {err.code}", error_response(err, self.model)
+
+    def _run(self, request: Any, sender: Any, started: float, is_cancelled: Callable[[], bool],
+             responses_of: Callable[[], Iterator[Any]]) -> None:
+        sent, outcome, last, note = 0, "done", None, ""
+        try:
+            if self._stopping.is_set():
+                raise Unavailable(f"model {self.model} is unloading")
+            with closing(responses_of()) as responses:  # type: ignore[type-var]
+                log_note = getattr(responses, "log_note", None)
                 for response in responses:
                     if is_cancelled():
                         break
@@ -292,21 +312,26 @@ class StreamWorkers:
                     sent += 1
             if is_cancelled():
                 outcome = "cancelled"
+            note = log_note() if log_note is not None else ""
         except Exception as exc:  # noqa: BLE001 - every request gets an answer
-            err = as_vitaserve_error(exc, self.model)
-            last, outcome = error_response(err, self.model), f"error {err.code}"
-            # Break the cycle err -> traceback -> this frame -> err: it would keep the request (referenced
-            # by the traceback's frames) alive until a GC pass, and Triton cannot unload the model while
-            # a request lives.
-            err = None
+            # `_failure` keeps no reference to `exc`: the cycle exc -> traceback -> this frame would keep
+            # the request (referenced by the traceback's frames) alive until a GC pass, and Triton cannot
+            # unload the model while a request lives.
+            outcome, last = self._failure(exc)
         finally:
-            flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-            try:
-                sender.send(last, flags=flags) if last is not None else sender.send(flags=flags)
-            except Exception as exc:  # noqa: BLE001 - the request may already be gone (server stopping)
-                pb.Logger.log_warn(f"{self.model}: could not close request {request.request_id()!r}: {exc}")
-            pb.Logger.log_info(f"{self.model} request_id={request.request_id()!r} responses={sent} "
-                               f"outcome={outcome} seconds={time.monotonic() - started:.3f}")
+            self._end(request, sender, started, sent, outcome, last, note)
+            responses_of = None  # type: ignore[assignment]  # drop the generator (and the request) now
+
+    def _end(self, request: Any, sender: Any, started: float, sent: int, outcome: str, last: Any,
+             note: str = "") -> None:
+        pb = _pb()
+        flags = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            sender.send(last, flags=flags) if last is not None else sender.send(flags=flags)
+        except Exception as exc:  # noqa: BLE001 - the request may already be gone (server stopping)
+            pb.Logger.log_warn(f"{self.model}: could not close request {request.request_id()!r}: {exc}")
+        pb.Logger.log_info(f"{self.model} request_id={request.request_id()!r} responses={sent} "
+                           f"outcome={outcome} seconds={time.monotonic() - started:.3f}{' ' + note if note else ''}")
 
     def shutdown(self) -> None:
         """Cancel running streams (they end after their current step), answer queued ones with

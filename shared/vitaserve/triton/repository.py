@@ -28,7 +28,8 @@ from vitaserve.components.tensors import MODELS, ModelSpec, TensorSpec
 CHECKED_IN = Path(__file__).resolve().parents[3] / "services" / "triton" / "model_repository"
 KINDS = {"cpu": ("KIND_CPU", "cpu"), "gpu": ("KIND_GPU", "cuda")}
 DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_MAX_STREAMS = 4
+# speech_synth: segments one instance decodes together (its SpeechBatcher's batch size).
+DEFAULT_MAX_STREAMS = 32
 # llm_decoder's continuous-batching engine (`vitaserve.batching.EngineConfig`; a test keeps them equal).
 LLM_ENGINE_DEFAULTS = {
     "kv_cache_tokens": "65536",
@@ -39,6 +40,14 @@ LLM_ENGINE_DEFAULTS = {
     "prefill_chunk": "512",
     "prefix_cache": "true",
 }
+# speech_synth's batcher (`vitaserve.batching.SpeechBatchConfig`, its batch size is `max_streams`) and codec
+# concurrency (`SpeechEngine(codec_workers=)`); a test keeps them equal to the code's defaults.
+SPEECH_ENGINE_DEFAULTS = {
+    "max_queue": "64",
+    "kv_positions": "131072",
+    "prompts_per_step": "4",
+    "codec_workers": "1",
+}
 # llm_decoder's response stream (`vitaserve.triton.backend.TokenStream`): tokens per coalesced response,
 # 0 = unbounded (a response carries every token produced since the stream's previous one).
 LLM_STREAM_DEFAULTS = {"max_tokens_per_response": "0"}
@@ -46,8 +55,9 @@ LLM_STREAM_DEFAULTS = {"max_tokens_per_response": "0"}
 
 def render_config(spec: ModelSpec, *, checkpoint_dir: str = "", dtype: str = "float32", kind: str = "cpu",
                   instances: int = 1, max_streams: int = DEFAULT_MAX_STREAMS,
-                  llm_engine: dict[str, str] | None = None) -> str:
-    """The config.pbtxt text of one model. `llm_engine` overrides LLM_ENGINE_DEFAULTS (llm_decoder)."""
+                  llm_engine: dict[str, str] | None = None, speech_engine: dict[str, str] | None = None) -> str:
+    """The config.pbtxt text of one model. `llm_engine` overrides LLM_ENGINE_DEFAULTS (llm_decoder),
+    `speech_engine` SPEECH_ENGINE_DEFAULTS (speech_synth)."""
     kind_name, device = KINDS[kind]
     lines = [
         f"# Rendered by vitaserve.triton.repository from vitaserve.components.tensors ({spec.name}).",
@@ -79,8 +89,13 @@ def render_config(spec: ModelSpec, *, checkpoint_dir: str = "", dtype: str = "fl
         if unknown:
             raise ValueError(f"unknown llm_decoder engine parameter(s) {unknown}; known: {sorted(known)}")
         params.update({**known, **{k: str(v) for k, v in (llm_engine or {}).items()}})
-    elif spec.decoupled:
+    elif spec.name == "speech_synth":
+        unknown = sorted(set(speech_engine or {}) - set(SPEECH_ENGINE_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown speech_synth engine parameter(s) {unknown}; known: "
+                             f"{sorted(SPEECH_ENGINE_DEFAULTS)} (the batch size is max_streams)")
         params["max_streams"] = str(max_streams)
+        params.update({**SPEECH_ENGINE_DEFAULTS, **{k: str(v) for k, v in (speech_engine or {}).items()}})
     lines += [f'parameters {{ key: "{key}" value: {{ string_value: "{_escape(value)}" }} }}'
               for key, value in params.items()]
     return "\n".join(lines) + "\n"
@@ -110,6 +125,7 @@ def render_repository(
     max_streams: int = DEFAULT_MAX_STREAMS,
     source: str | os.PathLike[str] | None = None,
     llm_engine: dict[str, str] | None = None,
+    speech_engine: dict[str, str] | None = None,
 ) -> Path:
     """Write `<out_dir>/<model>/config.pbtxt` and `<out_dir>/<model>/1/model.py` for `models` (default:
     all four) and return `out_dir`.
@@ -117,9 +133,10 @@ def render_repository(
     checkpoint_dir: baked into every config; empty = read VITASERVE_CHECKPOINT_DIR when the model loads.
     kind: 'cpu' (KIND_CPU, device cpu) or 'gpu' (KIND_GPU, each instance on its GPU).
     instances: instances per model (per GPU under KIND_GPU).
-    max_streams: streams one instance of speech_synth serves at once (worker threads).
+    max_streams: segments one instance of speech_synth decodes together (its batch size).
     llm_engine: llm_decoder parameters overriding LLM_ENGINE_DEFAULTS (kv_cache_tokens, max_batch, ...) and
         LLM_STREAM_DEFAULTS (max_tokens_per_response).
+    speech_engine: speech_synth parameters overriding SPEECH_ENGINE_DEFAULTS (max_queue, kv_positions, ...).
     source: repository to copy the model.py adapters from (default: the checked-in one).
     """
     names = list(MODELS) if models is None else list(models)
@@ -140,7 +157,8 @@ def render_repository(
             raise FileNotFoundError(f"{adapter}: the model adapter to copy is missing")
         (out / name / "1").mkdir(parents=True, exist_ok=True)
         config = render_config(MODELS[name], checkpoint_dir=checkpoint_dir, dtype=dtype, kind=kind,
-                               instances=instances, max_streams=max_streams, llm_engine=llm_engine)
+                               instances=instances, max_streams=max_streams, llm_engine=llm_engine,
+                               speech_engine=speech_engine)
         (out / name / "config.pbtxt").write_text(config)
         target = out / name / "1" / "model.py"
         if not (target.exists() and target.samefile(adapter)):
@@ -157,10 +175,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--kind", default="cpu", choices=sorted(KINDS))
     parser.add_argument("--instances", type=int, default=1, help="instances per model (per GPU for gpu)")
     parser.add_argument("--max-streams", type=int, default=DEFAULT_MAX_STREAMS,
-                        help="concurrent streams per instance of speech_synth")
+                        help="segments one instance of speech_synth decodes together (its batch size)")
     parser.add_argument("--llm-engine", action="append", default=[], metavar="KEY=VALUE",
                         help="llm_decoder engine/stream parameter, repeatable: "
                         + ", ".join([*LLM_ENGINE_DEFAULTS, *LLM_STREAM_DEFAULTS]))
+    parser.add_argument("--speech-engine", action="append", default=[], metavar="KEY=VALUE",
+                        help="speech_synth engine parameter, repeatable: " + ", ".join(SPEECH_ENGINE_DEFAULTS))
     parser.add_argument("--models", default=None, help="comma-separated subset (default: all four)")
     parser.add_argument("--source", default=None,
                         help="repository to copy the model.py adapters from (default: the checked-in one; "
@@ -171,9 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         pairs = [item.split("=", 1) for item in args.llm_engine]
         if any(len(p) != 2 for p in pairs):
             raise ValueError(f"--llm-engine takes KEY=VALUE, got {args.llm_engine}")
+        speech_pairs = [item.split("=", 1) for item in args.speech_engine]
+        if any(len(p) != 2 for p in speech_pairs):
+            raise ValueError(f"--speech-engine takes KEY=VALUE, got {args.speech_engine}")
         out = render_repository(args.out, checkpoint_dir=args.checkpoint_dir, dtype=args.dtype, kind=args.kind,
                                 instances=args.instances, models=models, max_streams=args.max_streams,
-                                llm_engine=dict(pairs), source=args.source)
+                                llm_engine=dict(pairs), speech_engine=dict(speech_pairs), source=args.source)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

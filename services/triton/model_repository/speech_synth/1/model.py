@@ -1,10 +1,19 @@
 """Triton adapter of speech synthesis (decoupled): one text segment -> one response per 24 kHz PCM chunk.
 
-Each request is served on a worker thread (`backend.StreamWorkers`, `max_streams` per instance), so
-`execute()` returns at once. `SpeechEngine` polls the request's cancellation before every speech code;
-the final flag is always sent. Text that is empty once the state marks are stripped gives no chunks.
-Tensors: `vitaserve.components.tensors.SPEECH_SYNTH`.
+`execute()` validates each request and queues its segment in the instance's speech batcher
+(`vitaserve.batching.SpeechBatcher`, one engine thread: the segments of all sessions share each AR
+decode step), then returns; a bad segment is answered at once (INVALID_ARGUMENT), and so is one that
+finds the batcher's queue full (RESOURCE_EXHAUSTED). Each request's codec decoding and responses run on a
+worker thread (`backend.StreamWorkers`). The batcher polls every request's cancellation each step, so a
+cancelled segment frees its batch row at once; the final flag is always sent. Text that is empty once
+the state marks are stripped gives no chunks.
+
+Settings (config.pbtxt `parameters`): `max_streams` segments decoded together (the batch), `max_queue`
+segments waiting beyond it, `kv_positions` the KV budget, `prompts_per_step`, and `codec_workers` codec
+windows decoded at a time. Tensors: `vitaserve.components.tensors.SPEECH_SYNTH`.
 """
+
+import dataclasses
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -14,33 +23,64 @@ from vitaserve.triton import backend
 from vitaserve.triton.launcher import assert_stub_uses_project_venv
 
 
+class _Responses:
+    """One PCM chunk -> one response; `log_note()` adds the segment's codes and peak batch to its log line."""
+
+    def __init__(self, stream, rate):
+        self.stream = stream
+        self.rate = rate
+
+    def __iter__(self):
+        for pcm in self.stream:
+            yield pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("PCM", pcm.astype(np.float32, copy=False)),
+                pb_utils.Tensor("SAMPLE_RATE", self.rate),
+            ])
+
+    def close(self):
+        self.stream.close()
+
+    def log_note(self):
+        handle = self.stream.handle
+        return "" if handle is None else f"codes={handle.codes} batch_peak={handle.peak_batch}"
+
+
 class TritonPythonModel:
     def initialize(self, args):
         assert_stub_uses_project_venv()
         settings = backend.load_settings(args, SPEC)
         # torch is imported here, not at module level: Triton's config auto-complete pass imports this
         # file in a stub of its own, which then stays cheap.
+        from vitaserve.batching import SpeechBatchConfig
         from vitaserve.components.engines import SpeechEngine
         from vitaserve.models.checkpoint import CheckpointDir
 
+        try:
+            config = dataclasses.replace(SpeechBatchConfig.from_parameters(settings.params),
+                                         max_batch=settings.max_streams)
+            codec_workers = backend.int_parameter(settings.params, "codec_workers", 1, minimum=1)
+        except ValueError as exc:
+            raise RuntimeError(f"model {SPEC.name!r}: {exc}") from None
         checkpoint = CheckpointDir(settings.checkpoint_dir)
-        self.engine = SpeechEngine(checkpoint, dtype=settings.dtype, device=settings.device)
-        self.workers = backend.StreamWorkers(SPEC.name, settings.max_streams)
+        self.engine = SpeechEngine(checkpoint, dtype=settings.dtype, device=settings.device,
+                                   batch_config=config, codec_workers=codec_workers)
+        batcher = self.engine.batcher
+        pb_utils.Logger.log_info(f"{SPEC.name}: {config}, codec_workers={codec_workers}, "
+                                 f"{batcher.bytes_per_position} KV bytes per position")
+        # one worker per segment the batcher can hold (running + queued), so none waits for a thread
+        self.workers = backend.StreamWorkers(SPEC.name, config.max_batch + config.max_queue)
 
     def execute(self, requests):
         for request in requests:
-            self.workers.submit(request, self._serve)
+            self.workers.submit(request, self._serve, eager=True)
         return None
 
     def _serve(self, inputs, is_cancelled):
-        text = inputs.text("TEXT")
-        first = bool(inputs.scalar("FIRST_SENTENCE"))
-        rate = np.array([self.engine.sample_rate], np.int32)
-        for pcm in self.engine.synthesize(text, first, inputs.scalar("SEED", None), is_cancelled):
-            yield pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("PCM", pcm.astype(np.float32, copy=False)),
-                pb_utils.Tensor("SAMPLE_RATE", rate),
-            ])
+        """Validate and queue the segment now (raising its error here); return its responses."""
+        stream = self.engine.synthesize(inputs.text("TEXT"), bool(inputs.scalar("FIRST_SENTENCE")),
+                                        inputs.scalar("SEED", None), is_cancelled)
+        return _Responses(stream, np.array([self.engine.sample_rate], np.int32))
 
     def finalize(self):
-        self.workers.shutdown()
+        self.workers.shutdown()  # cancels running streams; their segments leave the batch at its next step
+        self.engine.close()
