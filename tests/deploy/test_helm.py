@@ -6,6 +6,7 @@ for Kubernetes 1.37 (the newest schemas it bundles); and the manifests wire what
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,37 @@ def test_one_triton_deployment_per_component_loading_only_its_model(case: str) -
         assert {p["name"]: p["port"] for p in service["spec"]["ports"]}["grpc"] == 8001
         assert service["spec"]["selector"].items() <= spec.get("labels", deployment["spec"]["template"][
             "metadata"]["labels"]).items()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_init_containers_render_a_repository_the_models_accept(case: str, tmp_path: Path) -> None:
+    """Run each Triton pod's init container command (the repository renderer) here, with --out and
+    --source pointed at local paths, and read the rendered parameters back with the models' own parsers."""
+    from vitaserve.batching import EngineConfig, SpeechBatchConfig
+    from vitaserve.triton.repository import CHECKED_IN
+    from vitaserve.triton.repository import main as render_main
+
+    for model, deployment in triton_deployments(render(case)).items():
+        (init,) = deployment["spec"]["template"]["spec"]["initContainers"]
+        args = [a for a in init["args"] if not a.startswith(("--out=", "--source="))]
+        out = tmp_path / model
+        assert render_main([*args, f"--out={out}", f"--source={CHECKED_IN}"]) == 0, args
+        text = (out / model / "config.pbtxt").read_text()
+        params = dict(re.findall(r'parameters \{ key: "(\w+)" value: \{ string_value: "([^"]*)" \} \}', text))
+        engine = values_of(case).get("triton", {}).get("components", {}).get(model, {}).get("engine", {})
+        for key, value in engine.items():
+            assert params[key] == str(value), (model, key)
+        if model == "llm_decoder":
+            EngineConfig.from_parameters(params)
+        elif model == "speech_synth":
+            SpeechBatchConfig.from_parameters(params)
+
+
+def test_engine_parameters_are_refused_where_no_engine_takes_them() -> None:
+    chart = helm.Chart.load(CHART)
+    with pytest.raises(helm.HelmError, match="only llm_decoder and speech_synth take engine parameters"):
+        chart.render({"triton": {"components": {"vision_encoder": {"name": "vision", "engine": {"x": 1}}}}},
+                     name="vs", namespace="ml")
 
 
 def test_gpu_cluster_placement_autoscaling_and_disruption_budgets() -> None:
