@@ -106,6 +106,21 @@ def test_batched_codes_equal_each_segment_alone(parts, decoder, greedy: bool) ->
     assert batcher.stats()["rows"] == 0, "the KV buffers are released when the batch empties"
 
 
+def test_rows_with_a_repetition_penalty_or_another_top_k_beside_plain_ones(parts, decoder) -> None:
+    hidden = segments(parts, [5, 8, 6, 9], seed=2)
+    settings = [CodeSampling(max_tokens=60), CodeSampling(max_tokens=60, penalty_window=10, penalty=1.3),
+                CodeSampling(max_tokens=60, top_k=5), CodeSampling(max_tokens=60, greedy=True, penalty_window=4)]
+    expected = [list(decoder.generate(h, max_tokens=60, top_k=c.top_k, greedy=c.greedy,
+                                      generator=torch.Generator().manual_seed(i), penalty_window=c.penalty_window,
+                                      penalty=c.penalty)) for i, (h, c) in enumerate(zip(hidden, settings))]
+    batcher = SpeechBatcher(decoder, start=False)
+    sinks = [Sink() for _ in hidden]
+    for i, (h, c, sink) in enumerate(zip(hidden, settings, sinks)):
+        batcher.submit(h, c, sink, generator=torch.Generator().manual_seed(i))
+    run_to_end(batcher)
+    assert [s.codes for s in sinks] == expected
+
+
 def test_one_step_serves_every_running_segment(parts, decoder) -> None:
     hidden = segments(parts, [5] * 8)
     batcher = SpeechBatcher(decoder, SpeechBatchConfig(max_batch=8, prompts_per_step=8), start=False)

@@ -352,13 +352,11 @@ class SpeechBatcher:
         for request in batch:  # every row's new key/value is in its cache now (before any row moves)
             request.length += 1
             request.handle.peak_batch = max(request.handle.peak_batch, len(batch))
-        greedy = torch.argmax(logits.masked_fill(self.decoder._blocked(logits.device), float("-inf")),
-                              dim=-1).tolist()
+        chosen = self._choose_plain(batch, logits)
         for i, request in enumerate(batch):
             s = request.sampling
-            if s.greedy and s.penalty_window <= 0:
-                code = greedy[i]
-            else:
+            code = chosen.get(i)
+            if code is None:  # a repetition penalty: the row's own scores first
                 code = self.decoder.choose_code(logits[i], request.history, top_k=s.top_k, greedy=s.greedy,
                                                 generator=request.generator, penalty_window=s.penalty_window,
                                                 penalty=s.penalty)
@@ -374,6 +372,29 @@ class SpeechBatcher:
                 continue
             if len(request.history) - 1 >= s.max_tokens:
                 self._finish(request, "length")
+
+    def _choose_plain(self, batch: list[_Request], logits: torch.Tensor) -> dict[int, int]:
+        """The codes of the rows without a repetition penalty, by row index: what `choose_code` gives each
+        row alone, computed for all such rows at once (greedy: one argmax; sampled: one softmax / top-k /
+        renormalisation per top-k value, then each row's draw from its own generator)."""
+        scores = logits.masked_fill(self.decoder._blocked(logits.device), float("-inf"))
+        chosen: dict[int, int] = {}
+        greedy = [i for i, r in enumerate(batch) if r.sampling.greedy and r.sampling.penalty_window <= 0]
+        if greedy:
+            ids = torch.argmax(scores[greedy], dim=-1).tolist()  # first maximal index, as alone
+            chosen.update(zip(greedy, ids))
+        by_k: dict[int, list[int]] = {}
+        for i, r in enumerate(batch):
+            if not r.sampling.greedy and r.sampling.penalty_window <= 0:
+                by_k.setdefault(r.sampling.top_k, []).append(i)
+        for k, rows in by_k.items():
+            probs = torch.softmax(scores[rows], dim=-1)
+            top_p, top_i = torch.topk(probs, k, dim=-1)
+            kept = torch.zeros_like(probs).scatter_(1, top_i, top_p)
+            kept = kept / kept.sum(dim=-1, keepdim=True)
+            for j, i in enumerate(rows):
+                chosen[i] = int(torch.multinomial(kept[j], 1, generator=batch[i].generator))
+        return chosen
 
     def _finish(self, request: _Request, reason: str, error: VitaserveError | None = None) -> None:
         if request.state == _DONE:
