@@ -343,9 +343,12 @@ class StreamWorkers:
 class ResponseDispatcher:
     """Threads that send the responses of every `DecoupledStream` of a model.
 
-    A send waits for Triton's IPC round trip (0.1-0.5 ms on a CPU host) with the GIL released, so
-    `threads` senders overlap those waits; each stream is pinned to one thread, which keeps its responses
-    in order. Responses posted on the engine thread are held until its `flush()` (called after every
+    A send waits for Triton's IPC round trip (0.1-0.5 ms on a CPU host) with the GIL released, so more
+    `threads` could overlap those waits; each stream is pinned to one thread, which keeps its responses
+    in order. One thread is the default: every sender re-takes the GIL after each send and each C++
+    call, and the engine thread gives the GIL up at every torch op, so each extra sender adds GIL
+    hand-overs to the engine's steps (measured with 16 streams through Triton, tokens/s: 2 threads
+    3404 / 3481, 1 thread 4227, on this 2-core machine). Responses posted on the engine thread are held until its `flush()` (called after every
     engine step) and handed over in one piece per sender thread: waking a sender once per token makes it
     fight the engine thread for the GIL at every torch call (measured: several times slower steps).
 
@@ -367,7 +370,7 @@ class ResponseDispatcher:
     hold_factor = 8.0
     max_hold_s = 0.05  # bounds the added latency of a coalesced token
 
-    def __init__(self, model: str, threads: int = 2) -> None:
+    def __init__(self, model: str, threads: int = 1) -> None:
         self.model = model
         self._handed_at = 0.0  # the last hand-over (engine thread)
         self._send_s = [0.0] * threads  # per sender thread: moving average of a hand-over's send time
