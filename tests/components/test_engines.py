@@ -265,16 +265,18 @@ def test_speech_empty_text_gives_no_chunks(engines, text: str) -> None:
     assert list(engines["speech_synth"].synthesize(text)) == []
 
 
-def test_speech_cancellation_stops_before_the_next_code(engines) -> None:
+def test_speech_cancellation_ends_the_stream_at_once(engines) -> None:
     speech = engines["speech_synth"]
     full = cancel_after(10**9)
     list(speech.synthesize("Hello there, how are you?", seed=1, is_cancelled=full))
-    is_cancelled = cancel_after(5)
+    assert full.calls >= 2, "the consumer polls while it waits for codes and between codec windows"
+    is_cancelled = cancel_after(1)
     started = time.perf_counter()
-    chunks = list(speech.synthesize("Hello there, how are you?", seed=1, is_cancelled=is_cancelled))
-    assert is_cancelled.calls == 6, "the generator ends as soon as it sees the cancellation"
-    assert full.calls > 50
+    stream = speech.synthesize("Hello there, how are you?", seed=1, is_cancelled=is_cancelled)
+    chunks = list(stream)
+    assert is_cancelled.calls == 2, "the generator ends as soon as it sees the cancellation"
     assert chunks == [], "a cancelled segment's undecoded audio is dropped"
+    assert stream.handle.cancel_requested
     assert time.perf_counter() - started < 1.0
 
 
@@ -329,3 +331,39 @@ def test_llm_engine_reads_no_encoder_weights(tiny_checkpoint) -> None:
     LLMEngine(ckpt)
     encoders = ("model.vision_tower.", "model.mm_projector.", "model.audio_encoder.")
     assert ckpt.names_read and not any(name.startswith(encoders) for name in ckpt.names_read)
+
+
+def test_speech_cancellation_takes_the_segment_out_of_the_batch(engines) -> None:
+    import threading
+    import time
+
+    speech = engines["speech_synth"]
+    cancelled = threading.Event()
+    stream = speech.synthesize("one two three four five six seven eight nine ten " * 6, seed=1,
+                               is_cancelled=cancelled.is_set)
+    done = threading.Event()
+    threading.Thread(target=lambda: (list(stream), done.set()), daemon=True).start()
+    assert not done.wait(0.3), "the segment should still be decoding (~900 codes)"
+    cancelled.set()
+    set_at = time.monotonic()
+    assert done.wait(5)
+    # the consumer saw the flag within its poll interval and the batcher dropped the segment
+    assert time.monotonic() - set_at < 1.0
+    from vitaserve.batching.scheduler import wait_until
+
+    assert wait_until(lambda: stream.handle.done, 2), "the batcher did not drop the cancelled segment"
+    assert stream.handle.finish_reason == "cancelled"
+    assert stream.handle.codes < speech_code_limit(60)
+
+
+def test_concurrent_segments_equal_each_alone(engines) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    speech = engines["speech_synth"]
+    texts = [f"Reply number {i}, with some words." for i in range(6)]
+    alone = [np.concatenate(list(speech.synthesize(t, i % 2 == 0, seed=i))) for i, t in enumerate(texts)]
+    with ThreadPoolExecutor(6) as pool:
+        together = list(pool.map(lambda a: np.concatenate(list(speech.synthesize(a[1], a[0] % 2 == 0, seed=a[0]))),
+                                 enumerate(texts)))
+    for a, b in zip(alone, together):
+        np.testing.assert_array_equal(a, b)

@@ -65,6 +65,8 @@ MAX_SPEECH_TEXT_CHARS = 4000
 SPEECH_MAX_CODES = 1000
 SPEECH_CODES_BASE = 30
 SPEECH_CODES_PER_TEXT_TOKEN = 15
+# How often a speech consumer waiting for codes checks its request's cancellation.
+SPEECH_CANCEL_POLL_S = 0.02
 
 
 def _never() -> bool:
@@ -474,8 +476,9 @@ class SpeechEngine:
         top-k 2 sampling from a generator seeded with `seed` (or argmax with `greedy`); a segment's codes
         do not depend on the segments it is batched with. The first sentence uses the reference's 20-code
         first chunk, 0.1 join threshold and silence trim; later sentences 40 codes and 0.015.
-        `is_cancelled()` is polled by the batcher every step and by the consumer while it waits; a
-        cancelled segment stops within one step and its remaining audio is dropped.
+        `is_cancelled()` is polled by the consumer (the caller's thread) at least every
+        SPEECH_CANCEL_POLL_S; a cancelled segment leaves the batch at the next step and its remaining
+        audio is dropped.
         """
         if not isinstance(text, str):
             raise InvalidInput(f"text must be a string, got {type(text).__name__}")
@@ -495,7 +498,11 @@ class SpeechEngine:
             generator = torch.Generator(device=self.device).manual_seed(int(seed) & (2**64 - 1))
         channel = _CodeChannel()
         sampling = CodeSampling(max_tokens=speech_code_limit(len(ids)), top_k=2, greedy=greedy)
-        handle = self.batcher.submit(hidden, sampling, channel, generator=generator, is_cancelled=is_cancelled)
+        # The batcher is not handed `is_cancelled`: it would ask it for every running segment at every
+        # step on its one thread, and under Triton each ask is an IPC round trip. The consumer asks it
+        # (at least every CANCEL_POLL_S while it waits) and cancels the handle, which the batcher reads
+        # at its next step.
+        handle = self.batcher.submit(hidden, sampling, channel, generator=generator)
         if first_sentence:
             stream = StreamingDecoder(self.codec, first_chunk=20, first_threshold=0.1, trim_silence=True)
         else:
@@ -508,7 +515,7 @@ class SpeechEngine:
             while True:
                 if is_cancelled():
                     return  # a cancelled segment's remaining audio is dropped, not flushed
-                codes, end = channel.take(stream.codes_until_decode, timeout=0.05)
+                codes, end = channel.take(stream.codes_until_decode, timeout=SPEECH_CANCEL_POLL_S)
                 if codes:
                     with self._codec_slots:
                         pieces = [piece for code in codes for piece in stream.push(code)]

@@ -4,8 +4,9 @@
 (`vitaserve.batching.SpeechBatcher`, one engine thread: the segments of all sessions share each AR
 decode step), then returns; a bad segment is answered at once (INVALID_ARGUMENT), and so is one that
 finds the batcher's queue full (RESOURCE_EXHAUSTED). Each request's codec decoding and responses run on a
-worker thread (`backend.StreamWorkers`). The batcher polls every request's cancellation each step, so a
-cancelled segment frees its batch row at once; the final flag is always sent. Text that is empty once
+worker thread (`backend.StreamWorkers`), which also polls the request's cancellation (at least every
+20 ms) and takes a cancelled segment out of the batch at the batcher's next step; the final flag is
+always sent. Text that is empty once
 the state marks are stripped gives no chunks.
 
 Settings (config.pbtxt `parameters`): `max_streams` segments decoded together (the batch), `max_queue`
