@@ -115,6 +115,42 @@ def test_batched_greedy_equals_unbatched_and_generate_stream(model) -> None:
     assert [s.ids for s in sinks] == alone
 
 
+def test_prefill_pieces_of_several_prompts_share_one_forward(model) -> None:
+    prompts = text_prompts(6, seed=3)
+    params = greedy(12)
+    alone = [run_alone(model, p, params) for p in prompts]
+    engine = BatchEngine(model, EngineConfig(prefill_chunk=4096), start=False)
+    forwards = []
+    real = engine._prefill_forward
+    engine._prefill_forward = lambda pieces: (forwards.append(len(pieces)), real(pieces))[1]
+    sinks = [submit(engine, model, p, params)[1] for p in prompts]
+    drain(engine)
+    assert forwards == [6], "all six prompts fit the chunk: one padded prefill forward"
+    assert [s.ids for s in sinks] == alone
+
+
+def test_a_prefill_that_fails_fails_only_its_request(model) -> None:
+    prompts = text_prompts(4, seed=4)
+    params = greedy(8)
+    engine = BatchEngine(model, start=False)
+    handles_sinks = [submit(engine, model, p, params) for p in prompts]
+    bad = handles_sinks[2][0].id
+    real = engine._prefill_forward
+
+    def flaky(pieces):  # noqa: ANN001, ANN202
+        if any(r.id == bad for r, _, _ in pieces):
+            raise RuntimeError("a bad prompt")
+        return real(pieces)
+
+    engine._prefill_forward = flaky
+    drain(engine)
+    for i, (_, sink) in enumerate(handles_sinks):
+        if i == 2:
+            assert sink.finish[0] == "error" and "a bad prompt" in str(sink.finish[1])
+        else:
+            assert sink.finish == ("length", None) and sink.ids == run_alone(model, prompts[i], params)
+
+
 def test_seeded_sampling_does_not_depend_on_batch_mates(model) -> None:
     prompts = text_prompts(8, seed=1)
     settings = [SamplingParams.checked(30, t, k, p, seed, ())

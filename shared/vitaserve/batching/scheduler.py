@@ -8,7 +8,8 @@ Requests come from any thread (`submit`); one engine thread runs steps. A step:
    their worst case (prompt + max_tokens), evicting least recently used session prefixes if needed;
    a request whose session left a matching prefix reuses those blocks (see `prefix_cache`);
 3. prefills at most `prefill_chunk` prompt rows over all new requests (chunked: a long prompt spans several
-   steps), so the streams already running never wait long for a new prompt;
+   steps), so the streams already running never wait long for a new prompt; the pieces of all new
+   requests go through one padded forward;
 4. runs one decode forward for every running request together (one new token each), then samples each
    row with that request's own settings: greedy argmax, or temperature / top-k / top-p with the request's
    own seeded generator (so a request's ids do not depend on its batch mates).
@@ -327,28 +328,72 @@ class BatchEngine:
                 sessions.add(request.session_id)
 
     def _prefill(self) -> None:
+        """Prefill at most `prefill_chunk` prompt rows over the new requests, in one padded forward (a
+        request that fails alone in it would fail the others: on an error each piece is retried alone)."""
         budget = self.config.prefill_chunk
+        pieces: list[tuple[_Request, int, int]] = []
         for request in [r for r in self._running if r.state == _PREFILL]:
             if budget <= 0:
-                return
+                break
             start = request.n_cached
             n = min(request.prompt_len - start, budget)
             budget -= n
-            stop = start + n
-            rows = request.embeds[start:stop][None]
-            positions = torch.arange(start, stop, device=self.model.device)[None]
-            view = PagedView(self.pool, request.slots[start:stop], request.slots[:stop][None])
-            mask = (torch.arange(stop, device=self.model.device)[None, :]
-                    <= positions[0][:, None])[None, None]          # (1, 1, n, stop): causal
-            try:
-                logits = self._forward(rows, positions, view, mask)
-            except Exception as exc:  # noqa: BLE001 - fail this request, keep serving the others
-                self._finish(request, "error", _internal(exc))
-                continue
+            pieces.append((request, start, start + n))
+        if not pieces:
+            return
+        if len(pieces) == 1:
+            self._prefilled(pieces, self._prefill_alone(pieces[0]))
+            return
+        try:
+            logits = self._prefill_forward(pieces)
+        except Exception:  # noqa: BLE001 - find the request that fails, keep serving the others
+            for piece in pieces:
+                self._prefilled([piece], self._prefill_alone(piece))
+            return
+        self._prefilled(pieces, logits)
+
+    def _prefill_alone(self, piece: tuple[_Request, int, int]) -> torch.Tensor | None:
+        try:
+            return self._prefill_forward([piece])
+        except Exception as exc:  # noqa: BLE001 - fail this request only
+            self._finish(piece[0], "error", _internal(exc))
+            return None
+
+    def _prefilled(self, pieces: list[tuple[_Request, int, int]], logits: torch.Tensor | None) -> None:
+        if logits is None:
+            return
+        for b, (request, _, stop) in enumerate(pieces):
             request.n_cached = stop
             if stop == request.prompt_len:
                 request.state = _DECODE
-                self._emit(request, self._sample(request, logits[0]))
+                self._emit(request, self._sample(request, logits[b]))
+
+    def _prefill_forward(self, pieces: list[tuple[_Request, int, int]]) -> torch.Tensor:
+        """One forward over prompt rows start..stop-1 of each piece's request: rows padded to the longest
+        piece (B, q), each at its own positions, reading its own slots 0..stop-1 under a causal mask;
+        padded rows write to the scratch slot and attend to position 0 only. Returns the logits of each
+        piece's last row (B, V)."""
+        device = self.model.device
+        b, q = len(pieces), max(stop - start for _, start, stop in pieces)
+        width = max(stop for _, _, stop in pieces)
+        hidden = pieces[0][0].embeds.shape[1]
+        rows = torch.zeros(b, q, hidden, dtype=self.model.dtype, device=device)
+        positions = torch.zeros(b, q, dtype=torch.long, device=device)
+        write = torch.full((b, q), self.pool.scratch, dtype=torch.long, device=device)
+        read = torch.full((b, width), self.pool.scratch, dtype=torch.long, device=device)
+        mask = torch.zeros(b, 1, q, width, dtype=torch.bool, device=device)
+        mask[:, :, :, 0] = True  # padded query rows attend to something (no NaN); their output is unused
+        last = []
+        for i, (request, start, stop) in enumerate(pieces):
+            n = stop - start
+            rows[i, :n] = request.embeds[start:stop]
+            positions[i, :n] = torch.arange(start, stop, device=device)
+            write[i, :n] = request.slots[start:stop]
+            read[i, :stop] = request.slots[:stop]
+            mask[i, 0, :n, :stop] = torch.arange(stop, device=device)[None, :] <= positions[i, :n][:, None]
+            last.append(n - 1)
+        view = PagedView(self.pool, write.reshape(-1), read)
+        return self._forward(rows, positions, view, mask, last=torch.tensor(last, device=device))
 
     def _decode(self, batch: list[_Request]) -> None:
         batch = [r for r in batch if r.state == _DECODE]
@@ -382,12 +427,15 @@ class BatchEngine:
             self._emit(request, token)
 
     def _forward(self, rows: torch.Tensor, positions: torch.Tensor, view: PagedView,
-                 mask: torch.Tensor) -> torch.Tensor:
-        """(B, q, H) rows at `positions` (B, q) -> float32 logits (B, V) of each row's last position."""
+                 mask: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, q, H) rows at `positions` (B, q) -> float32 logits (B, V) of each row's position `last`
+        (B,), default the last one."""
         with torch.inference_mode():
             out = self.model.model(inputs_embeds=rows, attention_mask={"full_attention": mask},
                                    position_ids=positions, cache=view, use_cache=True)
-            return self.model.lm_head(out.last_hidden_state[:, -1]).float()
+            hidden = out.last_hidden_state
+            picked = hidden[:, -1] if last is None else hidden[torch.arange(hidden.shape[0]), last]
+            return self.model.lm_head(picked).float()
 
     def _sample(self, request: _Request, logits: torch.Tensor) -> int:
         return sample_token(logits, request.params, request.generator)
