@@ -55,24 +55,31 @@ def main() -> None:
         decoder = checkpoint.load_speech_decoder("float32", "cpu")
         table = checkpoint.load_embedding_table("float32", "cpu")
     g = torch.Generator().manual_seed(0)
-    hidden = [decoder.text_to_hidden(table[torch.randint(0, table.shape[0], (8 + i % 13,), generator=g)])
-              for i in range(args.segments)]
+    hidden = [
+        decoder.text_to_hidden(table[torch.randint(0, table.shape[0], (8 + i % 13,), generator=g)])
+        for i in range(args.segments)
+    ]
 
     def sequential() -> tuple[float, list[list[int]]]:
         started = time.perf_counter()
-        out = [list(decoder.generate(h, max_tokens=args.codes, generator=torch.Generator().manual_seed(i)))
-               for i, h in enumerate(hidden)]
+        out = [
+            list(decoder.generate(h, max_tokens=args.codes, generator=torch.Generator().manual_seed(i)))
+            for i, h in enumerate(hidden)
+        ]
         return time.perf_counter() - started, out
 
     def batched() -> tuple[float, list[list[int]]]:
-        batcher = SpeechBatcher(decoder, SpeechBatchConfig(max_batch=max(1, args.segments),
-                                                           prompts_per_step=max(1, args.segments)))
+        batcher = SpeechBatcher(
+            decoder,
+            SpeechBatchConfig(max_batch=max(1, args.segments), prompts_per_step=max(1, args.segments)),
+        )
         done = threading.Semaphore(0)
         sinks = [_Sink(done) for _ in hidden]
         started = time.perf_counter()
         for i, (h, sink) in enumerate(zip(hidden, sinks)):
-            batcher.submit(h, CodeSampling(max_tokens=args.codes), sink,
-                           generator=torch.Generator().manual_seed(i))
+            batcher.submit(
+                h, CodeSampling(max_tokens=args.codes), sink, generator=torch.Generator().manual_seed(i)
+            )
         for _ in sinks:
             done.acquire()
         elapsed = time.perf_counter() - started

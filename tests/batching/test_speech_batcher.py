@@ -59,20 +59,31 @@ def decoder(parts):  # noqa: ANN001, ANN201
 def segments(parts, lengths: list[int], seed: int = 0) -> list[torch.Tensor]:  # noqa: ANN001
     decoder, table = parts
     g = torch.Generator().manual_seed(seed)
-    return [decoder.text_to_hidden(table[torch.randint(0, table.shape[0], (n,), generator=g)]) for n in lengths]
+    return [
+        decoder.text_to_hidden(table[torch.randint(0, table.shape[0], (n,), generator=g)]) for n in lengths
+    ]
 
 
-def alone(decoder, hidden: torch.Tensor, max_tokens: int, seed: int | None, greedy: bool = False) -> list[int]:  # noqa: ANN001
+def alone(
+    decoder, hidden: torch.Tensor, max_tokens: int, seed: int | None, greedy: bool = False
+) -> list[int]:  # noqa: ANN001
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     return list(decoder.generate(hidden, max_tokens=max_tokens, greedy=greedy, generator=generator))
 
 
-def submit(batcher: SpeechBatcher, hidden: torch.Tensor, max_tokens: int, seed: int | None,
-           greedy: bool = False, **kwargs) -> tuple[Sink, object]:  # noqa: ANN003
+def submit(
+    batcher: SpeechBatcher,
+    hidden: torch.Tensor,
+    max_tokens: int,
+    seed: int | None,
+    greedy: bool = False,
+    **kwargs,
+) -> tuple[Sink, object]:  # noqa: ANN003
     sink = Sink()
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    handle = batcher.submit(hidden, CodeSampling(max_tokens=max_tokens, greedy=greedy), sink,
-                            generator=generator, **kwargs)
+    handle = batcher.submit(
+        hidden, CodeSampling(max_tokens=max_tokens, greedy=greedy), sink, generator=generator, **kwargs
+    )
     return sink, handle
 
 
@@ -93,11 +104,15 @@ def test_batched_codes_equal_each_segment_alone(parts, decoder, greedy: bool) ->
     hidden = segments(parts, lengths, seed=1)
     expected = [alone(decoder, h, n, seed=i, greedy=greedy) for i, (h, n) in enumerate(zip(hidden, limits))]
     batcher = SpeechBatcher(decoder, SpeechBatchConfig(max_batch=6, prompts_per_step=2), start=False)
-    sinks = [submit(batcher, h, n, seed=i, greedy=greedy)[0] for i, (h, n) in enumerate(zip(hidden[:7], limits))]
+    sinks = [
+        submit(batcher, h, n, seed=i, greedy=greedy)[0] for i, (h, n) in enumerate(zip(hidden[:7], limits))
+    ]
     for _ in range(10):
         batcher.step()
-    sinks += [submit(batcher, h, n, seed=7 + i, greedy=greedy)[0]
-              for i, (h, n) in enumerate(zip(hidden[7:], limits[7:]))]
+    sinks += [
+        submit(batcher, h, n, seed=7 + i, greedy=greedy)[0]
+        for i, (h, n) in enumerate(zip(hidden[7:], limits[7:]))
+    ]
     run_to_end(batcher)
     assert batcher.max_batch_seen == 6
     for i, (sink, codes) in enumerate(zip(sinks, expected)):
@@ -108,11 +123,26 @@ def test_batched_codes_equal_each_segment_alone(parts, decoder, greedy: bool) ->
 
 def test_rows_with_a_repetition_penalty_or_another_top_k_beside_plain_ones(parts, decoder) -> None:
     hidden = segments(parts, [5, 8, 6, 9], seed=2)
-    settings = [CodeSampling(max_tokens=60), CodeSampling(max_tokens=60, penalty_window=10, penalty=1.3),
-                CodeSampling(max_tokens=60, top_k=5), CodeSampling(max_tokens=60, greedy=True, penalty_window=4)]
-    expected = [list(decoder.generate(h, max_tokens=60, top_k=c.top_k, greedy=c.greedy,
-                                      generator=torch.Generator().manual_seed(i), penalty_window=c.penalty_window,
-                                      penalty=c.penalty)) for i, (h, c) in enumerate(zip(hidden, settings))]
+    settings = [
+        CodeSampling(max_tokens=60),
+        CodeSampling(max_tokens=60, penalty_window=10, penalty=1.3),
+        CodeSampling(max_tokens=60, top_k=5),
+        CodeSampling(max_tokens=60, greedy=True, penalty_window=4),
+    ]
+    expected = [
+        list(
+            decoder.generate(
+                h,
+                max_tokens=60,
+                top_k=c.top_k,
+                greedy=c.greedy,
+                generator=torch.Generator().manual_seed(i),
+                penalty_window=c.penalty_window,
+                penalty=c.penalty,
+            )
+        )
+        for i, (h, c) in enumerate(zip(hidden, settings))
+    ]
     batcher = SpeechBatcher(decoder, start=False)
     sinks = [Sink() for _ in hidden]
     for i, (h, c, sink) in enumerate(zip(hidden, settings, sinks)):
@@ -127,7 +157,9 @@ def test_one_step_serves_every_running_segment(parts, decoder) -> None:
     handles = [submit(batcher, h, 30, seed=i)[1] for i, h in enumerate(hidden)]
     steps = run_to_end(batcher)
     assert all(h.peak_batch == 8 for h in handles)
-    assert steps == max(h.codes for h in handles) + (0 if all(h.finish_reason == "length" for h in handles) else 1)
+    assert steps == max(h.codes for h in handles) + (
+        0 if all(h.finish_reason == "length" for h in handles) else 1
+    )
 
 
 def test_a_long_segment_does_not_starve_short_ones(parts, decoder) -> None:
@@ -203,8 +235,9 @@ def test_the_kv_budget_bounds_the_buffers_and_makes_segments_wait(parts, decoder
     hidden = segments(parts, [4, 5, 6, 7, 8, 9], seed=6)
     expected = [alone(decoder, h, 200, seed=i) for i, h in enumerate(hidden)]
     budget = 1024  # 256-position rows: 4 rows at a time
-    batcher = SpeechBatcher(decoder, SpeechBatchConfig(max_batch=8, kv_positions=budget, prompts_per_step=8),
-                            start=False)
+    batcher = SpeechBatcher(
+        decoder, SpeechBatchConfig(max_batch=8, kv_positions=budget, prompts_per_step=8), start=False
+    )
     sinks = [submit(batcher, h, 200, seed=i)[0] for i, h in enumerate(hidden)]
     peak = 0
     while batcher.step():
@@ -220,8 +253,12 @@ def test_the_kv_budget_bounds_the_buffers_and_makes_segments_wait(parts, decoder
 def test_bad_requests_and_a_broken_sink_fail_alone(parts, decoder) -> None:
     hidden = segments(parts, [5, 5], seed=7)
     batcher = SpeechBatcher(decoder, start=False)
-    for bad, match in [(torch.zeros(1, 0, 32), "no time steps"), (torch.zeros(2, 4, 32), "batch 1"),
-                       (torch.full((1, 4, 32), float("nan")), "finite"), (torch.zeros(1, 4, 7), r"\(B, N, 32\)")]:
+    for bad, match in [
+        (torch.zeros(1, 0, 32), "no time steps"),
+        (torch.zeros(2, 4, 32), "batch 1"),
+        (torch.full((1, 4, 32), float("nan")), "finite"),
+        (torch.zeros(1, 4, 7), r"\(B, N, 32\)"),
+    ]:
         with pytest.raises(InvalidInput, match=match):
             batcher.submit(bad, CodeSampling(max_tokens=5), Sink())
     with pytest.raises(InvalidInput, match="top_k"):
@@ -240,7 +277,9 @@ def test_bad_requests_and_a_broken_sink_fail_alone(parts, decoder) -> None:
 
 
 def test_config_reads_parameters() -> None:
-    assert SpeechBatchConfig.from_parameters({"max_queue": "5", "kv_positions": ""}) == SpeechBatchConfig(max_queue=5)
+    assert SpeechBatchConfig.from_parameters({"max_queue": "5", "kv_positions": ""}) == SpeechBatchConfig(
+        max_queue=5
+    )
     with pytest.raises(ValueError, match="prompts_per_step must be an integer"):
         SpeechBatchConfig.from_parameters({"prompts_per_step": "few"})
     with pytest.raises(ValueError, match="max_batch must be >= 1"):

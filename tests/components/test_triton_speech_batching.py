@@ -1,4 +1,5 @@
-"""Batched speech synthesis through real Triton's speech_synth (`TritonComponents.synthesize`, gRPC streaming).
+"""Batched speech synthesis through real Triton's speech_synth (`TritonComponents.synthesize`, gRPC
+streaming).
 
 Uses the session's shared Triton (`triton_server`) for concurrency and cancellation, and one small
 speech_synth-only Triton rendered with a 1-segment batch, a 1-segment queue and a small KV budget for
@@ -23,9 +24,21 @@ from vitaserve.triton.repository import render_repository
 
 pytestmark = pytest.mark.integration
 
-TEXTS = [f"Sentence number {i} is about {w}." for i, w in
-         enumerate(["rain", "the sea and its many waves", "cats", "a long road home", "bread", "music",
-                    "winter light", "trains"])]
+TEXTS = [
+    f"Sentence number {i} is about {w}."
+    for i, w in enumerate(
+        [
+            "rain",
+            "the sea and its many waves",
+            "cats",
+            "a long road home",
+            "bread",
+            "music",
+            "winter light",
+            "trains",
+        ]
+    )
+]
 
 
 def run(coro_fn, url: str):  # noqa: ANN001, ANN201
@@ -60,7 +73,9 @@ def test_concurrent_segments_share_steps_and_equal_in_process(triton_server, eng
 
     async def one(client: TritonComponents, i: int) -> list[np.ndarray]:
         text = long_text if i in cancelled else TEXTS[i]
-        stream = client.synthesize(text, first_sentence=i % 2 == 0, seed=100 + i, request_id=f"speech-batch-{i}")
+        stream = client.synthesize(
+            text, first_sentence=i % 2 == 0, seed=100 + i, request_id=f"speech-batch-{i}"
+        )
         chunks = []
         if i in cancelled:
             pending = asyncio.ensure_future(anext(aiter(stream), None))
@@ -94,8 +109,12 @@ def test_concurrent_segments_share_steps_and_equal_in_process(triton_server, eng
 @pytest.fixture(scope="module")
 def small_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     tmp = tmp_path_factory.mktemp("small-speech")
-    repo = render_repository(tmp / "repo", models=["speech_synth"], max_streams=1,
-                             speech_engine={"max_queue": "1", "kv_positions": "2048"})
+    repo = render_repository(
+        tmp / "repo",
+        models=["speech_synth"],
+        max_streams=1,
+        speech_engine={"max_queue": "1", "kv_positions": "2048"},
+    )
     with pytest.MonkeyPatch.context() as env:
         env.setenv(ENV_CHECKPOINT_DIR, str(tiny_checkpoint))
         srv = TritonServer(repo, startup_timeout=120, log_path=tmp / "tritonserver.log").start()
@@ -120,7 +139,7 @@ def test_a_full_queue_is_resource_exhausted_and_an_oversized_segment_invalid(sma
 
         running = asyncio.create_task(long_stream("speech-running", 1))  # holds the only batch row
         await asyncio.wait_for(first_chunk.wait(), 60)
-        waiting = asyncio.create_task(long_stream("speech-waiting", 2))   # fills the queue
+        waiting = asyncio.create_task(long_stream("speech-waiting", 2))  # fills the queue
         await asyncio.sleep(0.3)
         errors = []
         for text in ("Hello there.", "word " * 600):  # the queue is full; 600 words never fit 2048 positions
@@ -143,5 +162,7 @@ def test_a_full_queue_is_resource_exhausted_and_an_oversized_segment_invalid(sma
 
     full, oversized, after = run(calls, small_server.grpc_url)
     assert isinstance(full, ResourceExhausted) and "max_queue 1" in full.message, full
-    assert isinstance(oversized, InvalidInput) and "KV budget is 2048 positions" in oversized.message, oversized
+    assert isinstance(oversized, InvalidInput) and "KV budget is 2048 positions" in oversized.message, (
+        oversized
+    )
     assert after, "no audio after the back-pressure errors"

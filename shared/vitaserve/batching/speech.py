@@ -127,7 +127,7 @@ class SpeechHandle:
 @dataclass(eq=False)
 class _Request:
     id: int
-    hidden: torch.Tensor                # (1, N, idim)
+    hidden: torch.Tensor  # (1, N, idim)
     sampling: CodeSampling
     generator: torch.Generator | None
     sink: CodeSink
@@ -135,7 +135,7 @@ class _Request:
     handle: SpeechHandle
     state: str = _WAITING
     row: int = -1
-    length: int = 0                     # positions in the cache
+    length: int = 0  # positions in the cache
     history: list[int] = field(default_factory=list)
 
     @property
@@ -148,8 +148,14 @@ class SpeechBatcher:
     """Continuous batching over `decoder` (a `vitaserve.models.tts.SpeechDecoder`); see the module
     docstring. start=False: the caller drives `step()` (unit tests)."""
 
-    def __init__(self, decoder: Any, config: SpeechBatchConfig | None = None, *, start: bool = True,
-                 name: str = "speech-engine") -> None:
+    def __init__(
+        self,
+        decoder: Any,
+        config: SpeechBatchConfig | None = None,
+        *,
+        start: bool = True,
+        name: str = "speech-engine",
+    ) -> None:
         self.decoder = decoder
         self.config = config or SpeechBatchConfig()
         cfg = decoder.cfg
@@ -167,8 +173,8 @@ class SpeechBatcher:
         self._capacity = 0
         self._ids = itertools.count(1)
         self._cv = threading.Condition()
-        self._waiting: deque[_Request] = deque()   # guarded by _cv
-        self._running: list[_Request] = []         # engine thread only; _running[i].row == i
+        self._waiting: deque[_Request] = deque()  # guarded by _cv
+        self._running: list[_Request] = []  # engine thread only; _running[i].row == i
         self._closed = False
         self._thread: threading.Thread | None = None
         if start:
@@ -178,13 +184,21 @@ class SpeechBatcher:
     @property
     def bytes_per_position(self) -> int:
         """KV bytes one position takes over all layers."""
-        return 2 * self.n_layers * self.heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        return (
+            2 * self.n_layers * self.heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+        )
 
     # ---- submission (any thread) -------------------------------------------------------------------
 
-    def submit(self, hidden: torch.Tensor, sampling: CodeSampling, sink: CodeSink, *,
-               generator: torch.Generator | None = None,
-               is_cancelled: Callable[[], bool] | None = None) -> SpeechHandle:
+    def submit(
+        self,
+        hidden: torch.Tensor,
+        sampling: CodeSampling,
+        sink: CodeSink,
+        *,
+        generator: torch.Generator | None = None,
+        is_cancelled: Callable[[], bool] | None = None,
+    ) -> SpeechHandle:
         """Queue one segment: `hidden` = `decoder.text_to_hidden(...)`, (1, N, idim). Raises InvalidInput
         for a bad segment or one that could never fit the KV budget, ResourceExhausted if the queue is
         full, Unavailable once the batcher is closed."""
@@ -203,17 +217,20 @@ class SpeechBatcher:
             raise InvalidInput(
                 f"the segment needs {need} speech-decoder positions ({hidden.shape[1] + 1} prompt + up to "
                 f"{sampling.max_tokens} codes) but this instance's KV budget is {self.config.kv_positions} "
-                f"positions: split the text into shorter segments")
+                f"positions: split the text into shorter segments"
+            )
         with self._cv:
             if self._closed:
                 raise Unavailable("the speech engine is shutting down")
             if len(self._waiting) >= self.config.max_queue:
                 raise ResourceExhausted(
-                    f"speech synthesis is at capacity: {len(self._waiting)} segments already wait for a batch "
-                    f"slot (max_queue {self.config.max_queue}); retry shortly")
+                    f"speech synthesis is at capacity: {len(self._waiting)} segments already wait for a "
+                    f"batch slot (max_queue {self.config.max_queue}); retry shortly"
+                )
             handle = SpeechHandle(self, next(self._ids))
-            request = _Request(handle.id, hidden.to(self.device), sampling, generator, sink, is_cancelled,
-                               handle)
+            request = _Request(
+                handle.id, hidden.to(self.device), sampling, generator, sink, is_cancelled, handle
+            )
             self._waiting.append(request)
             self._cv.notify()
         return handle
@@ -225,8 +242,13 @@ class SpeechBatcher:
     def stats(self) -> dict[str, int]:
         with self._cv:
             waiting = len(self._waiting)
-        return {"running": len(self._running), "waiting": waiting, "rows": self._rows,
-                "capacity": self._capacity, "steps": self.steps}
+        return {
+            "running": len(self._running),
+            "waiting": waiting,
+            "rows": self._rows,
+            "capacity": self._capacity,
+            "steps": self.steps,
+        }
 
     # ---- the engine thread ---------------------------------------------------------------------------
 
@@ -242,7 +264,9 @@ class SpeechBatcher:
             except Exception:  # noqa: BLE001 - a bug in a step must not kill the engine thread
                 traceback.print_exc()
                 for request in list(self._running):
-                    self._finish(request, "error", VitaserveError("the speech engine failed; see the server log"))
+                    self._finish(
+                        request, "error", VitaserveError("the speech engine failed; see the server log")
+                    )
 
     def close(self) -> None:
         """Stop the engine thread after its current step; every unfinished request ends with Unavailable."""
@@ -312,8 +336,8 @@ class SpeechBatcher:
             request.row = len(self._running)
             request.length = int(kv[0][0].shape[2])
             for layer, (k, v) in enumerate(kv):
-                self._keys[layer][request.row, :, :request.length] = k[0]
-                self._values[layer][request.row, :, :request.length] = v[0]
+                self._keys[layer][request.row, :, : request.length] = k[0]
+                self._values[layer][request.row, :, : request.length] = v[0]
             request.history = [self.sos_id]
             request.state = _RUNNING
             request.handle.admitted_step = self.steps
@@ -357,9 +381,15 @@ class SpeechBatcher:
             s = request.sampling
             code = chosen.get(i)
             if code is None:  # a repetition penalty: the row's own scores first
-                code = self.decoder.choose_code(logits[i], request.history, top_k=s.top_k, greedy=s.greedy,
-                                                generator=request.generator, penalty_window=s.penalty_window,
-                                                penalty=s.penalty)
+                code = self.decoder.choose_code(
+                    logits[i],
+                    request.history,
+                    top_k=s.top_k,
+                    greedy=s.greedy,
+                    generator=request.generator,
+                    penalty_window=s.penalty_window,
+                    penalty=s.penalty,
+                )
             if code == self.eos_id:
                 self._finish(request, "stop")
                 continue
@@ -416,8 +446,8 @@ class SpeechBatcher:
         if last is not request:
             self._running[row] = last
             for layer in range(self.n_layers):
-                self._keys[layer][row, :, :last.length] = self._keys[layer][last.row, :, :last.length]
-                self._values[layer][row, :, :last.length] = self._values[layer][last.row, :, :last.length]
+                self._keys[layer][row, :, : last.length] = self._keys[layer][last.row, :, : last.length]
+                self._values[layer][row, :, : last.length] = self._values[layer][last.row, :, : last.length]
             last.row = row
         request.row = -1
 

@@ -500,7 +500,7 @@ class SpeechEngine:
         sampling = CodeSampling(max_tokens=speech_code_limit(len(ids)), top_k=2, greedy=greedy)
         # The batcher is not handed `is_cancelled`: it would ask it for every running segment at every
         # step on its one thread, and under Triton each ask is an IPC round trip. The consumer asks it
-        # (at least every CANCEL_POLL_S while it waits) and cancels the handle, which the batcher reads
+        # (at least every SPEECH_CANCEL_POLL_S while it waits) and cancels the handle, which the batcher reads
         # at its next step.
         handle = self.batcher.submit(hidden, sampling, channel, generator=generator)
         if first_sentence:

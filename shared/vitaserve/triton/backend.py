@@ -330,8 +330,9 @@ class StreamWorkers:
             sender.send(last, flags=flags) if last is not None else sender.send(flags=flags)
         except Exception as exc:  # noqa: BLE001 - the request may already be gone (server stopping)
             pb.Logger.log_warn(f"{self.model}: could not close request {request.request_id()!r}: {exc}")
+        note = f" {note}" if note else ""
         pb.Logger.log_info(f"{self.model} request_id={request.request_id()!r} responses={sent} "
-                           f"outcome={outcome} seconds={time.monotonic() - started:.3f}{' ' + note if note else ''}")
+                           f"outcome={outcome} seconds={time.monotonic() - started:.3f}{note}")
 
     def shutdown(self) -> None:
         """Cancel running streams (they end after their current step), answer queued ones with
@@ -348,9 +349,10 @@ class ResponseDispatcher:
     in order. One thread is the default: every sender re-takes the GIL after each send and each C++
     call, and the engine thread gives the GIL up at every torch op, so each extra sender adds GIL
     hand-overs to the engine's steps (measured with 16 streams through Triton, tokens/s: 2 threads
-    3404 / 3481, 1 thread 4227, on this 2-core machine). Responses posted on the engine thread are held until its `flush()` (called after every
-    engine step) and handed over in one piece per sender thread: waking a sender once per token makes it
-    fight the engine thread for the GIL at every torch call (measured: several times slower steps).
+    3404 / 3481, 1 thread 4227, on this 2-core machine). Responses posted on the engine thread are held
+    until its `flush()` (called after every engine step) and handed over in one piece per sender thread:
+    waking a sender once per token makes it fight the engine thread for the GIL at every torch call
+    (measured: several times slower steps).
 
     Adaptive hand-over (what makes `TokenStream`s coalesce): the senders and the engine share one GIL and
     the cores with tritonserver, so senders that send every step "keep up" only by slowing the engine's
