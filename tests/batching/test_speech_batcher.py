@@ -250,6 +250,24 @@ def test_the_kv_budget_bounds_the_buffers_and_makes_segments_wait(parts, decoder
         submit(batcher, segments(parts, [500])[0], 1000, seed=0)
 
 
+def test_a_batch_emptied_by_cancellations_does_not_keep_its_buffers_past_the_budget(parts, decoder) -> None:
+    budget = 1024
+    batcher = SpeechBatcher(
+        decoder, SpeechBatchConfig(max_batch=8, kv_positions=budget, prompts_per_step=8), start=False
+    )
+    handles = [submit(batcher, h, 100, seed=i)[1] for i, h in enumerate(segments(parts, [4] * 4))]
+    batcher.step()
+    assert batcher.stats()["rows"] * batcher.stats()["capacity"] == budget  # 4 rows of 256
+    for handle in handles:
+        handle.cancel()
+    big, _ = submit(batcher, segments(parts, [40])[0], 300, seed=9)  # needs a 512-position row
+    batcher.step()  # drops the four, then admits the big one in the same step
+    stats = batcher.stats()
+    assert stats["running"] == 1 and stats["rows"] * stats["capacity"] <= budget, stats
+    run_to_end(batcher)
+    assert big.finish[0] in ("length", "stop")
+
+
 def test_bad_requests_and_a_broken_sink_fail_alone(parts, decoder) -> None:
     hidden = segments(parts, [5, 5], seed=7)
     batcher = SpeechBatcher(decoder, start=False)
@@ -284,3 +302,5 @@ def test_config_reads_parameters() -> None:
         SpeechBatchConfig.from_parameters({"prompts_per_step": "few"})
     with pytest.raises(ValueError, match="max_batch must be >= 1"):
         SpeechBatchConfig(max_batch=0)
+    with pytest.raises(ValueError, match="kv_positions must be >= 256"):
+        SpeechBatchConfig(kv_positions=100)

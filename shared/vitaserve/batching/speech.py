@@ -60,9 +60,11 @@ class SpeechBatchConfig:
     prompts_per_step: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "kv_positions", "prompts_per_step"):
+        for name in ("max_batch", "prompts_per_step"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_positions < _MIN_CAPACITY:
+            raise ValueError(f"kv_positions must be >= {_MIN_CAPACITY} (one row), got {self.kv_positions}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
 
@@ -318,6 +320,8 @@ class SpeechBatcher:
                 if not self._waiting:
                     return
                 request = self._waiting[0]
+            if not self._running:
+                self._release_buffers()  # (cancellations may just have emptied the batch) start from scratch
             rows = max(self._rows, _pow2(len(self._running) + 1))
             rows = min(rows, _pow2(self.config.max_batch))
             capacity = max(self._capacity, _pow2(max(request.positions, _MIN_CAPACITY)))
