@@ -12,7 +12,9 @@ Sessions start together after one warm-up turn.
 Reports, over all turns: time to first token and time to first audio (client clock, from the commit;
 p50 and p99), aggregate LLM tokens/s (tokens of every reply / wall time of the load phase), turns, and
 errors (error events, failed streams, turns without audio when audio was asked for), and from the Triton
-log the mean number of prompt positions llm_decoder reused from the session's KV cache per request.
+log the mean number of prompt positions llm_decoder reused from the session's KV cache per turn request,
+and the fraction of the prompt positions of the sessions' later turns that were reused (the orchestrator
+warms each session's next prompt prefix after a turn; `warmup_requests` counts those requests).
 """
 
 from __future__ import annotations
@@ -67,13 +69,15 @@ async def session(address: str, index: int, turns: int, tokens: int, image: byte
                         errors.append(f"session {index} turn {turn}: {event.error.code} {event.error.message}")
                     elif kind == "response_done":
                         done = event.response_done
+                        response_id = event.response_id
                 if done is None:
                     errors.append(f"session {index} turn {turn}: no response_done")
                     continue
                 if ttfa is None and done.text.strip():
                     errors.append(f"session {index} turn {turn}: a reply with text but no audio")
                 rows.append({"ttft": ttft, "ttfa": ttfa, "tokens": done.timings.tokens,
-                             "total": (time.perf_counter() - t0) * 1000})
+                             "total": (time.perf_counter() - t0) * 1000, "turn": turn,
+                             "response_id": response_id})
     except Exception as exc:  # noqa: BLE001 - counted, the other sessions go on
         errors.append(f"session {index}: {type(exc).__name__}: {exc}")
 
@@ -100,6 +104,7 @@ async def load(address: str, sessions: int, turns: int, tokens: int) -> dict[str
         "turn_p50_ms": statistics.median([r["total"] for r in rows]) if rows else float("nan"),
         "tokens_per_s": sum(r["tokens"] for r in rows) / wall,
         "errors": len(errors),
+        "_later_turns": {r["response_id"] for r in rows if r["turn"] > 0},
     }
 
 
@@ -115,11 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         ckpt = Path(args.checkpoint) if args.checkpoint else write_tiny_checkpoint(Path(tmp) / "ckpt", seed=0)
         with LocalStack(ckpt, work_dir=Path(tmp) / "stack") as stack:
             result = asyncio.run(load(stack.orchestrator_address, args.sessions, args.turns, args.tokens))
-            # prefix reuse as llm_decoder logged it (positions of each prompt not recomputed)
+            # prefix reuse as llm_decoder logged it (positions of each prompt not recomputed), for the
+            # turns' requests; the orchestrator's KV warm-ups between turns (request ids *-warm) apart
             log = (Path(tmp) / "stack" / "triton.log").read_text(errors="replace")
-            reused = [int(n) for n in re.findall(r"llm_decoder request_id=.* kv_reused=(\d+)", log)]
-            result["llm_requests"] = len(reused)
-            result["kv_reused_mean"] = sum(reused) / len(reused) if reused else 0.0
+            lines = re.findall(r"llm_decoder request_id='([^']*)' .* kv_reused=(\d+) prompt=(\d+)", log)
+            turns = [(int(r), int(p)) for rid, r, p in lines if not rid.endswith("-warm")]
+            later_ids = result.pop("_later_turns")
+            later = [(int(r), int(p)) for rid, r, p in lines if rid in later_ids]
+            result["llm_requests"] = len(turns)
+            result["warmup_requests"] = len(lines) - len(turns)
+            result["kv_reused_mean"] = sum(r for r, _ in turns) / len(turns) if turns else 0.0
+            result["kv_reused_fraction_later_turns"] = (
+                sum(r for r, _ in later) / sum(p for _, p in later) if later else 0.0)
     out = {k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}
     if args.json:
         print(json.dumps(out))

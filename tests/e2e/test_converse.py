@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -91,6 +92,43 @@ def test_text_turn_then_follow_up(stack: LocalStack) -> None:
             assert first[-1].response_id != second[-1].response_id
 
     run(scenario())
+
+
+def llm_log_line(stack: LocalStack, request_id: str, timeout_s: float = 30.0) -> dict[str, int | str]:
+    pattern = re.compile(rf"llm_decoder request_id='{re.escape(request_id)}' responses=\d+ outcome=(\S+) "
+                         rf".* kv_reused=(\d+) prompt=(\d+)")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        match = pattern.search((stack.work_dir / "triton.log").read_text(errors="replace"))
+        if match:
+            return {"outcome": match.group(1), "reused": int(match.group(2)), "prompt": int(match.group(3))}
+        assert time.monotonic() < deadline, f"no llm_decoder log line for {request_id}"
+        time.sleep(0.05)
+
+
+def test_the_follow_up_turn_reuses_the_kv_cache_warmed_after_the_first(stack: LocalStack) -> None:
+    """Turn 1 has an image and speech; turn 2's prompt repeats turn 1 as text, so without the warm-up
+    only the system prompt would match the session's cache."""
+    image = (EXAMPLES / "camera.png").read_bytes()
+    pcm16 = read_wav_16k(EXAMPLES / "question.wav")
+
+    async def scenario() -> tuple[str, str]:
+        async with Conversation.open(stack.orchestrator_address, settings=SETTINGS) as conv:
+            _, _, _, first = await run_turn(conv, image=image, pcm16=pcm16, text=None, echo=False)
+            check_response(first, conv.session_id)
+            warm_id = f"{first[-1].response_id}-warm"
+            await asyncio.to_thread(llm_log_line, stack, warm_id)  # the user thinks: the warm-up ends
+            # the same kind of media again, so the same system prompt
+            _, _, _, second = await run_turn(conv, image=image, pcm16=pcm16, text=None, echo=False)
+            check_response(second, conv.session_id)
+            return warm_id, second[-1].response_id
+
+    warm_id, second_id = run(scenario())
+    warm, second = llm_log_line(stack, warm_id), llm_log_line(stack, second_id)
+    assert warm["outcome"] == "done" and warm["prompt"] > 60, warm  # system prompt + turn 1 as history
+    # the whole warmed prefix was reused (its last position is recomputed at most: the token boundary)
+    assert second["reused"] >= warm["prompt"] - 1, (warm, second)
+    assert second["prompt"] > second["reused"]  # the new image and speech were prefilled
 
 
 def test_same_seed_same_reply_through_the_stack(stack: LocalStack) -> None:

@@ -71,6 +71,7 @@ class FakeComponents(ComponentClient):
     barrier: bool = False
     ready: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, True))
     # Records.
+    warm_prompts: list[tuple[str, str]] = field(default_factory=list)  # (session id, prompt prefix)
     image_calls: list[list[ImageInput]] = field(default_factory=list)
     audio_calls: list[np.ndarray] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
@@ -112,6 +113,11 @@ class FakeComponents(ComponentClient):
         self.audio_calls.append(np.asarray(pcm))
         await self._meet("audio_encoder")
         return np.ones((max(1, len(pcm) // 1280), HIDDEN), np.float32)  # 12.5 tokens per second
+
+    async def warm_prefix(self, prompt: str, *, session_id: str, request_id: str = "") -> int:
+        """Recorded apart from `generate` (the tests of turns count the LLM streams of turns)."""
+        self.warm_prompts.append((session_id, prompt))
+        return 1
 
     def generate(
         self,

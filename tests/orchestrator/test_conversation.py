@@ -117,6 +117,32 @@ def test_text_turn_updates_history_and_store() -> None:
     run(body())
 
 
+def test_after_a_turn_the_next_prompts_prefix_is_warmed_in_the_llm_cache() -> None:
+    async def body() -> None:
+        h = Harness(FakeComponents())
+        conv = await h.open()
+        await h.send(ev.TextIn(text="Hi there"))
+        await h.until()
+        await h.send(ev.TextIn(text="And then?"))
+        await h.until()
+        await conv.finish()
+        assert [sid for sid, _ in h.fake.warm_prompts] == [conv.session.id] * 2
+        first_warm = h.fake.warm_prompts[0][1]
+        # exactly the start of the next turn's prompt: system prompt, turn 1 as history, the user header
+        assert h.fake.prompts[1].startswith(first_warm) and first_warm.endswith("<|im_start|>user\n")
+        assert "Hi there" in first_warm and "Hello there. How are you?" in first_warm
+        assert "And then?" not in first_warm and len(h.fake.prompts) == 2  # warm-ups are not turns
+
+        off = Harness(FakeComponents(), make_config(prefix_warmup=False))
+        conv = await off.open()
+        await off.send(ev.TextIn(text="Hi there"))
+        await off.until()
+        await conv.finish()
+        assert off.fake.warm_prompts == []
+
+    run(body())
+
+
 def test_push_to_talk_turn_with_deferred_text_and_image(question_pcm: np.ndarray) -> None:
     async def body() -> None:
         h = Harness(FakeComponents())

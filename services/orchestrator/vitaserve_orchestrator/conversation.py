@@ -80,7 +80,7 @@ from vitaserve_orchestrator.session import (
 from vitaserve_orchestrator.settings import OrchestratorSettings
 from vitaserve_orchestrator.tasks import TaskSet
 from vitaserve_orchestrator.telemetry import Telemetry
-from vitaserve_orchestrator.turn import Outcome, PipelineLimits, Response, TurnInput
+from vitaserve_orchestrator.turn import Outcome, PipelineLimits, Response, TurnInput, next_turn_prefix
 from vitaserve_orchestrator.vad import (
     SAMPLE_RATE,
     Endpointer,
@@ -137,6 +137,7 @@ class Conversation:
         self._audio_at = 0.0  # when the latest audio chunk arrived (barge-in stop latency)
         self._ended = False
         self._saving: asyncio.Task[None] | None = None  # the save of the last finished turn
+        self._warming: asyncio.Task[None] | None = None  # the KV warm-up for the next turn
         self.superseded: SessionSuperseded | None = None  # set when a newer stream took the session
         self._lease = StreamLease(
             store, session, interval_s=config.stream_lease_s / 3, on_lost=self._on_superseded
@@ -261,6 +262,7 @@ class Conversation:
         self._release_hold()  # no more input: nothing can interrupt any more
         if self._response is not None and not self._ended:
             await self._response.wait()
+        self._stop_warming()  # no next turn on this stream
         await self._tasks.wait_all(self._limits.cancel_timeout_s)
         if not self._ended:
             try:
@@ -525,6 +527,7 @@ class Conversation:
             text=text, images=tuple(pending.images), frames=tuple(f.data for f in frames), audio=audio
         )
         pending.clear()
+        self._stop_warming()  # the turn's own request reuses what the warm-up prefilled so far
         self.session.turns += 1
         turn_id = self.session.turn_id(self.session.turns)
         response_id = f"resp-{uuid.uuid4().hex}"
@@ -559,8 +562,42 @@ class Conversation:
                 history_reply_text(outcome.state_mark, outcome.text),
                 max_turns=self._config.max_history_turns,
             )
+            if self._config.prefix_warmup and not self._ended:
+                self._warm_next_turn(turn, response.id)
         if not self._ended:
             self._saving = self._tasks.spawn(self._save_reporting(), "save")
+
+    # ---- KV-cache warm-up for the next turn -------------------------------------------------------
+
+    def _warm_next_turn(self, turn: TurnInput, response_id: str) -> None:
+        """Prefill the start of the next prompt (system prompt + the history just recorded) while the user
+        listens and thinks. The next prompt repeats this turn as text, not the media the model saw, so
+        without this the session's cached KV would match only up to this turn's media. Best effort:
+        cancelled when the next turn starts or the stream ends; a failure only costs the reuse."""
+        media_kind = "image" if turn.images else ("video" if turn.frames else None)
+        try:
+            prefix = next_turn_prefix(self.session.history, self.session.settings, media_kind)
+        except VitaserveError as exc:
+            log.debug("session %s: no KV warm-up: %s", self.session.id, exc)
+            return
+        self._stop_warming()
+        self._warming = self._tasks.spawn(self._warm(prefix, f"{response_id}-warm"), "warm-prefix")
+
+    async def _warm(self, prefix: str, request_id: str) -> None:
+        try:
+            await asyncio.wait_for(
+                self._components.warm_prefix(prefix, session_id=self.session.id, request_id=request_id),
+                self._limits.first_token_timeout_s,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - best effort: the next turn just prefills everything
+            log.info("session %s: KV warm-up %s failed: %s", self.session.id, request_id, exc)
+
+    def _stop_warming(self) -> None:
+        if self._warming is not None and not self._warming.done():
+            self._warming.cancel()
+        self._warming = None
 
     async def _save_reporting(self) -> None:
         try:

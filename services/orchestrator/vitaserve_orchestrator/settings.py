@@ -155,6 +155,11 @@ class OrchestratorSettings(BaseSettings):
     max_reply_tokens: int = Field(512, ge=1, description="Reply length when the session does not choose.")
     max_reply_tokens_limit: int = Field(2048, ge=1, description="Largest max_reply_tokens a session may set.")
     max_history_turns: int = Field(20, ge=0, description="Earlier turns kept and put into the prompt.")
+    prefix_warmup: bool = Field(
+        True,
+        description="After each turn, prefill the start of the session's next prompt (system prompt and "
+        "history) into the LLM's KV cache, so the next turn prefills only its new input.",
+    )
 
     # --- bounded waits on components (a stuck component becomes UNAVAILABLE, never a hang) ---------------
     encode_timeout_s: float = Field(30.0, gt=0, description="Vision + audio encoding of one turn.")

@@ -147,7 +147,8 @@ class RequestHandle:
         self.submitted_step = engine.steps
         self.admitted_step: int | None = None
         self.finished_step: int | None = None
-        self.reused_tokens = 0
+        self.reused_tokens = 0  # prompt positions taken from the session's cached prefix
+        self.prompt_tokens = 0  # prompt positions (set at submit)
 
     def cancel(self) -> None:
         self.cancel_requested = True
@@ -215,6 +216,7 @@ class BatchEngine:
                     f"the LLM decoder is at capacity: {len(self._waiting)} requests already wait for KV-cache "
                     f"space or a batch slot (max_queue {self.config.max_queue}); retry shortly")
             handle = RequestHandle(self, next(self._ids))
+            handle.prompt_tokens = length
             request = _Request(handle.id, embeds.to(device=self.model.device, dtype=self.model.dtype), keys,
                                params, sink, session_id, is_cancelled, handle)
             if params.seed is not None and params.temperature > 0:

@@ -90,6 +90,21 @@ class ComponentClient(ABC):
         """Stream the reply to a ChatML `prompt` whose `<image>`/`<audio>` placeholders are filled, in order,
         by the `media` arrays (256 rows per image placeholder). The raw text includes the state mark."""
 
+    async def warm_prefix(self, prompt: str, *, session_id: str, request_id: str = "") -> int:
+        """Prefill a text-only `prompt` (the start of the session's next prompt) into the LLM's KV cache
+        under `session_id`, so the session's next turn prefills only what follows it (prefix reuse needs
+        identical rows: the history the next prompt repeats is text, not the media the model saw). One
+        greedy token is generated and dropped; returns the tokens received (1 unless it stopped at once)."""
+        received = 0
+        stream = self.generate(prompt, [], GenerationParams(max_tokens=1), request_id=request_id,
+                               session_id=session_id)
+        try:
+            async for delta in stream:
+                received += delta.token_id is not None
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
+        return received
+
     @abstractmethod
     def synthesize(
         self, text: str, *, first_sentence: bool = False, seed: int | None = None, request_id: str = ""

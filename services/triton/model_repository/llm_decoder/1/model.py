@@ -52,7 +52,8 @@ class _TokenResponses:
         self.stream.push(token_id)
 
     def on_finish(self, reason, error):
-        note = f"kv_reused={self.handle.reused_tokens}" if self.handle is not None else ""
+        handle = self.handle
+        note = f"kv_reused={handle.reused_tokens} prompt={handle.prompt_tokens}" if handle is not None else ""
         if error is not None:
             self.stream.close(error=error, note=note)
         elif reason == "cancelled":
