@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Callable
 
 import numpy as np
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from vitaserve.components.base import ComponentClient, ImageInput
@@ -584,6 +585,8 @@ class Conversation:
         self._warming = self._tasks.spawn(self._warm(prefix, f"{response_id}-warm"), "warm-prefix")
 
     async def _warm(self, prefix: str, request_id: str) -> None:
+        if self._session_span is not None:  # the warm-up belongs to the session's trace, not the turn's
+            otel_context.attach(trace.set_span_in_context(self._session_span))  # this task's own context
         try:
             await asyncio.wait_for(
                 self._components.warm_prefix(prefix, session_id=self.session.id, request_id=request_id),

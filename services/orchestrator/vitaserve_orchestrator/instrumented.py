@@ -93,6 +93,21 @@ class InstrumentedComponents(ComponentClient):
         stream = self.inner.generate(prompt, media, params, request_id=request_id, session_id=session_id)
         return _TracedStream("llm_decoder", stream, span, self._failed, "vitaserve.tokens")
 
+    async def warm_prefix(self, prompt: str, *, session_id: str, request_id: str = "") -> int:
+        """A span of its own (`llm_decoder.warm_prefix`, in whatever trace is current: the session's),
+        around the inner client's warm-up, so its Triton request carries that span, not a turn's."""
+        with self._tracer.start_as_current_span(
+            "llm_decoder.warm_prefix", attributes={"vitaserve.request_id": request_id,
+                                                   "vitaserve.session_id": session_id,
+                                                   "vitaserve.prompt_chars": len(prompt)},
+            record_exception=False, set_status_on_exception=False,
+        ) as span:
+            try:
+                return await self.inner.warm_prefix(prompt, session_id=session_id, request_id=request_id)
+            except BaseException as exc:
+                self._failed("llm_decoder", span, exc)
+                raise
+
     def synthesize(
         self, text: str, *, first_sentence: bool = False, seed: int | None = None, request_id: str = ""
     ) -> AsyncIterator[SpeechChunk]:
