@@ -133,6 +133,18 @@ def test_after_a_turn_the_next_prompts_prefix_is_warmed_in_the_llm_cache() -> No
         assert "Hi there" in first_warm and "Hello there. How are you?" in first_warm
         assert "And then?" not in first_warm and len(h.fake.prompts) == 2  # warm-ups are not turns
 
+        # a camera session: a turn with frames is followed by one with frames, so the warm-up uses the
+        # video system prompt and the next turn's prompt starts with it
+        cam = Harness(FakeComponents())
+        conv = await cam.open()
+        for t in (1.0, 2.0):
+            await cam.send(ev.VideoFrameIn(data=png(), timestamp_s=t))
+            await cam.send(ev.TextIn(text=f"What now at {t}?"))
+            await cam.until()
+        await conv.finish()
+        assert len(cam.fake.image_calls) == 2, "both turns carried the camera frame"
+        assert len(cam.fake.prompts) == 2 and cam.fake.prompts[1].startswith(cam.fake.warm_prompts[0][1])
+
         off = Harness(FakeComponents(), make_config(prefix_warmup=False))
         conv = await off.open()
         await off.send(ev.TextIn(text="Hi there"))

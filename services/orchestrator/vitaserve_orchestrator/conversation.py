@@ -575,7 +575,10 @@ class Conversation:
         listens and thinks. The next prompt repeats this turn as text, not the media the model saw, so
         without this the session's cached KV would match only up to this turn's media. Best effort:
         cancelled when the next turn starts or the stream ends; a failure only costs the reuse."""
-        media_kind = "image" if turn.images else ("video" if turn.frames else None)
+        # The system prompt depends on the next turn's media, so guess it: camera frames keep coming
+        # (a turn with frames is followed by one with frames: 'video'); a still image is sent once and
+        # follow-up questions come without it (None).
+        media_kind = "video" if turn.frames else None
         try:
             prefix = next_turn_prefix(self.session.history, self.session.settings, media_kind)
         except VitaserveError as exc:
