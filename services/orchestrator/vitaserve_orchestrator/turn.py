@@ -197,9 +197,8 @@ def _partial_junk_suffix(text: str) -> int:
 
 def next_turn_prefix(history: Sequence[Turn], settings: SessionSettings, media_kind: str | None) -> str:
     """The start of the session's next prompt, as `Response` will build it: the system prompt (for
-    `media_kind`, the guess that the next turn brings the same kind of media as this one) and `history`,
-    up to and including the next user message's header. Raises InvalidInput if the history cannot be
-    rendered."""
+    `media_kind`, the caller's guess of the next turn's media) and `history`, up to and including the
+    next user message's header. Raises InvalidInput if the history cannot be rendered."""
     system = settings.system_prompt or system_prompt(media_kind, realtime=True)
     full = build_prompt(history, "x", media=media_kind, system=system, max_chars=_PROMPT_MAX_CHARS)
     header = f"{IM_START}user\n"
