@@ -7,6 +7,7 @@
                   prefill + one batched decode step), sampling per request, cancellation, the engine thread
 - `speech`        `SpeechBatcher`: the same for the speech decoder's AR loop (every reply sentence of every
                   session is one request; one batched step yields one codec id per running sentence)
+- `engine_loop`   what both share: the engine thread, queue, cancellation, shutdown, handles, parameters
 
 `vitaserve.components.engines.LLMEngine` and `SpeechEngine` prepare requests (tokenise, splice media, embed
 the text) and submit them here; the Triton adapters and the in-process client both go through them.

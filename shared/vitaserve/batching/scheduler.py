@@ -26,12 +26,9 @@ is no allocation after admission. Results go to the request's `TokenSink` from t
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import threading
 import time
 import traceback
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,6 +36,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from vitaserve.batching.engine_loop import EngineLoop, Handle, config_from_parameters
 from vitaserve.batching.kv_cache import KVPool, PagedView, kv_bytes_per_token
 from vitaserve.batching.prefix_cache import PrefixCache
 from vitaserve.errors import InvalidInput, ResourceExhausted, Unavailable, VitaserveError
@@ -87,21 +85,7 @@ class EngineConfig:
     def from_parameters(cls, params: Mapping[str, str]) -> EngineConfig:
         """Read the fields from string parameters (config.pbtxt); empty or missing = the default.
         Raises ValueError naming the bad parameter."""
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = str(params.get(f.name, "") or "").strip()
-            if not raw:
-                continue
-            if f.type in (bool, "bool"):
-                if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                    raise ValueError(f"parameter {f.name} must be true or false, got {raw!r}")
-                values[f.name] = raw.lower() in ("true", "1", "yes")
-            else:
-                try:
-                    values[f.name] = int(raw)
-                except ValueError:
-                    raise ValueError(f"parameter {f.name} must be an integer, got {raw!r}") from None
-        return cls(**values)
+        return config_from_parameters(cls, params)
 
 
 class TokenSink(Protocol):
@@ -136,30 +120,16 @@ class _Request:
         return int(self.embeds.shape[0])
 
 
-class RequestHandle:
-    """What `submit` returns: `cancel()` from any thread; the step counters are for tests and stats."""
+class RequestHandle(Handle):
+    """What `submit` returns (see `Handle`), with the request's prompt and prefix-reuse counts."""
 
     def __init__(self, engine: BatchEngine, request_id: int) -> None:
-        self._engine = engine
-        self.id = request_id
-        self.cancel_requested = False
-        self.finish_reason: str | None = None
-        self.submitted_step = engine.steps
-        self.admitted_step: int | None = None
-        self.finished_step: int | None = None
+        super().__init__(engine, request_id)
         self.reused_tokens = 0  # prompt positions taken from the session's cached prefix
         self.prompt_tokens = 0  # prompt positions (set at submit)
 
-    def cancel(self) -> None:
-        self.cancel_requested = True
-        self._engine._wake()
 
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
-
-
-class BatchEngine:
+class BatchEngine(EngineLoop):
     """Continuous batching over `model` (a `vitaserve.models.llm.VitaLLM`); see the module docstring.
 
     start: run the engine thread (False: the caller drives `step()`, as unit tests do).
@@ -169,25 +139,19 @@ class BatchEngine:
 
     def __init__(self, model: Any, config: EngineConfig | None = None, *, start: bool = True,
                  name: str = "llm-engine", after_step: Callable[[], None] | None = None) -> None:
+        super().__init__()
         self.model = model
         self.config = config or EngineConfig()
-        self._after_step = after_step
+        self._after_step_fn = after_step
         self.max_positions = int(model.config.max_position_embeddings)
         budget = self.config.budget_tokens(model.config, model.dtype)
         self.pool = KVPool(model.config, budget, block_size=self.config.kv_block_size,
                            dtype=model.dtype, device=model.device)
         self.prefix = PrefixCache(self.pool)
-        self.steps = 0
         self.max_batch_seen = 0
         self._ids = itertools.count(1)
-        self._cv = threading.Condition()
-        self._waiting: deque[_Request] = deque()   # guarded by _cv
-        self._running: list[_Request] = []         # engine thread only
-        self._closed = False
-        self._thread: threading.Thread | None = None
         if start:
-            self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-            self._thread.start()
+            self._start(name)
 
     # ---- submission (any thread) -------------------------------------------------------------------
 
@@ -225,10 +189,6 @@ class BatchEngine:
             self._cv.notify()
         return handle
 
-    def _wake(self) -> None:
-        with self._cv:
-            self._cv.notify()
-
     def stats(self) -> dict[str, int]:
         with self._cv:
             waiting = len(self._waiting)
@@ -238,33 +198,14 @@ class BatchEngine:
 
     # ---- the engine thread ---------------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._closed and not self._waiting and not self._running:
-                    self._cv.wait()
-                if self._closed:
-                    return
-            try:
-                self.step()
-            except Exception:  # noqa: BLE001 - a bug in a step must not kill the engine thread
-                traceback.print_exc()
-                for request in list(self._running):
-                    self._finish(request, "error", VitaserveError("the LLM engine failed; see the server log"))
-            finally:
-                if self._after_step is not None:
-                    self._after_step()
+    failure = "the LLM engine failed; see the server log"
+    unloading = "the LLM decoder is unloading"
 
-    def close(self) -> None:
-        """Stop the engine thread after its current step; every unfinished request ends with Unavailable."""
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-            waiting, self._waiting = list(self._waiting), deque()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        for request in waiting + list(self._running):
-            self._finish(request, "error", Unavailable("the LLM decoder is unloading"))
+    def _after_step(self) -> None:
+        if self._after_step_fn is not None:
+            self._after_step_fn()
+
+    def _on_closed(self) -> None:
         self.prefix.clear()
 
     def step(self) -> bool:
@@ -281,24 +222,6 @@ class BatchEngine:
         return True
 
     # ---- scheduling ----------------------------------------------------------------------------------
-
-    def _cancelled(self, request: _Request) -> bool:
-        if request.handle.cancel_requested:
-            return True
-        try:
-            return bool(request.is_cancelled is not None and request.is_cancelled())
-        except Exception:  # noqa: BLE001 - a request we cannot ask about is gone
-            return True
-
-    def _drop_cancelled(self) -> None:
-        for request in [r for r in self._running if self._cancelled(r)]:
-            self._finish(request, "cancelled")
-        with self._cv:
-            gone = [r for r in self._waiting if self._cancelled(r)]
-            for request in gone:
-                self._waiting.remove(request)
-        for request in gone:
-            self._finish(request, "cancelled")
 
     def _admit(self) -> None:
         sessions = {r.session_id for r in self._running if r.session_id}

@@ -27,18 +27,17 @@ must hand them on quickly (the codec runs on the consumer's thread, not here).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import threading
 import traceback
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
+from vitaserve.batching.engine_loop import EngineLoop, Handle, config_from_parameters
 from vitaserve.errors import InvalidInput, ResourceExhausted, Unavailable, VitaserveError
+from vitaserve.models.tts import top_k_distribution
 
 _WAITING, _RUNNING, _DONE = "waiting", "running", "done"
 _MIN_CAPACITY = 256
@@ -72,15 +71,7 @@ class SpeechBatchConfig:
     def from_parameters(cls, params: Mapping[str, str]) -> SpeechBatchConfig:
         """Read the fields from string parameters (config.pbtxt); empty or missing = the default.
         Raises ValueError naming the bad parameter."""
-        values: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            raw = str(params.get(f.name, "") or "").strip()
-            if raw:
-                try:
-                    values[f.name] = int(raw)
-                except ValueError:
-                    raise ValueError(f"parameter {f.name} must be an integer, got {raw!r}") from None
-        return cls(**values)
+        return config_from_parameters(cls, params)
 
 
 @dataclass(frozen=True)
@@ -103,27 +94,13 @@ class CodeSink(Protocol):
         """Exactly once: reason 'stop' (EOS) | 'length' | 'cancelled' | 'error' (then `error` is set)."""
 
 
-class SpeechHandle:
-    """What `submit` returns: `cancel()` from any thread; the step counters are for tests and stats."""
+class SpeechHandle(Handle):
+    """What `submit` returns (see `Handle`), with the segment's code count and its largest batch."""
 
     def __init__(self, batcher: SpeechBatcher, request_id: int) -> None:
-        self._batcher = batcher
-        self.id = request_id
-        self.cancel_requested = False
-        self.finish_reason: str | None = None
-        self.submitted_step = batcher.steps
-        self.admitted_step: int | None = None
-        self.finished_step: int | None = None
+        super().__init__(batcher, request_id)
         self.peak_batch = 0  # the most segments decoded together in one of this one's steps
         self.codes = 0
-
-    def cancel(self) -> None:
-        self.cancel_requested = True
-        self._batcher._wake()
-
-    @property
-    def done(self) -> bool:
-        return self.finish_reason is not None
 
 
 @dataclass(eq=False)
@@ -146,7 +123,7 @@ class _Request:
         return int(self.hidden.shape[1]) + 1 + self.sampling.max_tokens
 
 
-class SpeechBatcher:
+class SpeechBatcher(EngineLoop):
     """Continuous batching over `decoder` (a `vitaserve.models.tts.SpeechDecoder`); see the module
     docstring. start=False: the caller drives `step()` (unit tests)."""
 
@@ -158,6 +135,7 @@ class SpeechBatcher:
         start: bool = True,
         name: str = "speech-engine",
     ) -> None:
+        super().__init__()
         self.decoder = decoder
         self.config = config or SpeechBatchConfig()
         cfg = decoder.cfg
@@ -167,21 +145,14 @@ class SpeechBatcher:
         weight = decoder.embedding.weight
         self.dtype, self.device = weight.dtype, weight.device
         self.sos_id, self.eos_id = cfg.sos_id, cfg.eos_id
-        self.steps = 0
         self.max_batch_seen = 0
         self._keys: list[torch.Tensor] = []
         self._values: list[torch.Tensor] = []
-        self._rows = 0
+        self._rows = 0  # buffer rows; running request i holds row i (rows are kept compact)
         self._capacity = 0
         self._ids = itertools.count(1)
-        self._cv = threading.Condition()
-        self._waiting: deque[_Request] = deque()  # guarded by _cv
-        self._running: list[_Request] = []  # engine thread only; _running[i].row == i
-        self._closed = False
-        self._thread: threading.Thread | None = None
         if start:
-            self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-            self._thread.start()
+            self._start(name)
 
     @property
     def bytes_per_position(self) -> int:
@@ -237,10 +208,6 @@ class SpeechBatcher:
             self._cv.notify()
         return handle
 
-    def _wake(self) -> None:
-        with self._cv:
-            self._cv.notify()
-
     def stats(self) -> dict[str, int]:
         with self._cv:
             waiting = len(self._waiting)
@@ -254,32 +221,8 @@ class SpeechBatcher:
 
     # ---- the engine thread ---------------------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while True:
-            with self._cv:
-                while not self._closed and not self._waiting and not self._running:
-                    self._cv.wait()
-                if self._closed:
-                    return
-            try:
-                self.step()
-            except Exception:  # noqa: BLE001 - a bug in a step must not kill the engine thread
-                traceback.print_exc()
-                for request in list(self._running):
-                    self._finish(
-                        request, "error", VitaserveError("the speech engine failed; see the server log")
-                    )
-
-    def close(self) -> None:
-        """Stop the engine thread after its current step; every unfinished request ends with Unavailable."""
-        with self._cv:
-            self._closed = True
-            self._cv.notify_all()
-            waiting, self._waiting = list(self._waiting), deque()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        for request in waiting + list(self._running):
-            self._finish(request, "error", Unavailable("speech_synth is unloading"))
+    failure = "the speech engine failed; see the server log"
+    unloading = "speech_synth is unloading"
 
     def step(self) -> bool:
         """One scheduling step (see the module docstring); False if there was nothing to do."""
@@ -293,24 +236,6 @@ class SpeechBatcher:
         if not self._running:
             self._release_buffers()
         return True
-
-    def _cancelled(self, request: _Request) -> bool:
-        if request.handle.cancel_requested:
-            return True
-        try:
-            return bool(request.is_cancelled is not None and request.is_cancelled())
-        except Exception:  # noqa: BLE001 - a request we cannot ask about is gone
-            return True
-
-    def _drop_cancelled(self) -> None:
-        for request in [r for r in self._running if self._cancelled(r)]:
-            self._finish(request, "cancelled")
-        with self._cv:
-            gone = [r for r in self._waiting if self._cancelled(r)]
-            for request in gone:
-                self._waiting.remove(request)
-        for request in gone:
-            self._finish(request, "cancelled")
 
     def _admit(self) -> None:
         for _ in range(self.config.prompts_per_step):
@@ -422,10 +347,7 @@ class SpeechBatcher:
             if not r.sampling.greedy and r.sampling.penalty_window <= 0:
                 by_k.setdefault(r.sampling.top_k, []).append(i)
         for k, rows in by_k.items():
-            probs = torch.softmax(scores[rows], dim=-1)
-            top_p, top_i = torch.topk(probs, k, dim=-1)
-            kept = torch.zeros_like(probs).scatter_(1, top_i, top_p)
-            kept = kept / kept.sum(dim=-1, keepdim=True)
+            kept = top_k_distribution(scores[rows], k)  # the distribution `choose_code` draws from, per row
             for j, i in enumerate(rows):
                 chosen[i] = int(torch.multinomial(kept[j], 1, generator=batch[i].generator))
         return chosen

@@ -376,13 +376,19 @@ class SpeechDecoder(nn.Module):
         return self.out_fnn(self.norm(h))[:, -1].float()
 
 
-def _sample_top_k(scores: Tensor, k: int, generator: torch.Generator | None) -> int:
-    """softmax over all entries, keep the k largest, renormalise, draw once over the full vector."""
+def top_k_distribution(scores: Tensor, k: int) -> Tensor:
+    """softmax over all entries of the last dimension, keep the k largest, renormalise: the full-length
+    vector (or rows of vectors) that a top-k draw samples from."""
     probs = F.softmax(scores, dim=-1)
-    top_p, top_i = torch.topk(probs, k)
-    kept = torch.zeros_like(probs).scatter_(0, top_i, top_p)
-    kept = kept / kept.sum()
-    return int(torch.multinomial(kept, 1, generator=generator))
+    top_p, top_i = torch.topk(probs, k, dim=-1)
+    kept = torch.zeros_like(probs).scatter_(-1, top_i, top_p)
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def _sample_top_k(scores: Tensor, k: int, generator: torch.Generator | None) -> int:
+    """One draw over the full top-k vector of `scores` (1-D), so a seeded generator reproduces the
+    reference's draws."""
+    return int(torch.multinomial(top_k_distribution(scores, k), 1, generator=generator))
 
 
 def _describe(x: object) -> str:
