@@ -42,15 +42,6 @@ class Sink:
         self.done.set()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():  # noqa: ANN201
-    """Tiny matrices gain nothing from intra-op threads, and on a shared CPU their barriers cost a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_checkpoint: Path):  # noqa: ANN201
     return CheckpointDir(tiny_checkpoint).load_llm("float32", "cpu")

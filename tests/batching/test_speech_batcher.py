@@ -37,14 +37,6 @@ class Sink:
         self.done.set()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():  # noqa: ANN201
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def parts(tiny_checkpoint: Path):  # noqa: ANN201
     checkpoint = CheckpointDir(tiny_checkpoint)

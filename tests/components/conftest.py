@@ -1,10 +1,12 @@
 """Fixtures of the component tests: the four engines on the tiny golden checkpoint (built once per
 session and shared by the unit and integration tests), one real Triton serving the checked-in repository
 on the same checkpoint (started on first use, shared by every integration module), golden media, and a
-prompt builder."""
+prompt builder. Helpers (`triton_calls.py`) are imported by name: this folder is put on `sys.path` here,
+as the suite runs with `--import-mode=importlib`."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,10 @@ from vitaserve.models.prompt import build_prompt
 from vitaserve.triton.backend import ENV_CHECKPOINT_DIR
 from vitaserve.triton.launcher import TritonServer
 from vitaserve.triton.repository import CHECKED_IN
+
+HERE = str(Path(__file__).parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
 
 @pytest.fixture(scope="session")

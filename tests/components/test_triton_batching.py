@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from pathlib import Path
 
 import pytest
+import triton_calls
 
 from vitaserve.components.base import GenerationParams
 from vitaserve.components.triton import TritonComponents
@@ -25,25 +25,11 @@ pytestmark = pytest.mark.integration
 
 
 def run(coro_fn, url: str):  # noqa: ANN001, ANN201
-    async def main():  # noqa: ANN202
-        client = TritonComponents(url, components=["llm_decoder"])
-        try:
-            return await coro_fn(client)
-        finally:
-            await client.close()
-
-    return asyncio.run(main())
+    return triton_calls.run(coro_fn, url, "llm_decoder")
 
 
 def log_line(server: TritonServer, request_id: str, timeout: float = 10.0) -> str:
-    pattern = re.compile(rf"llm_decoder request_id='{re.escape(request_id)}' [^\n]*")
-    deadline = time.monotonic() + timeout
-    while True:
-        match = pattern.search(server.log_path.read_text(errors="replace"))
-        if match:
-            return match.group(0)
-        assert time.monotonic() < deadline, f"no log line for {request_id}:\n{server.log_tail()}"
-        time.sleep(0.02)
+    return triton_calls.request_log_line(server, "llm_decoder", request_id, timeout)
 
 
 def prompts(n: int) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import triton_calls
 
 from vitaserve.components.triton import TritonComponents
 from vitaserve.errors import InvalidInput, ResourceExhausted
@@ -42,25 +43,11 @@ TEXTS = [
 
 
 def run(coro_fn, url: str):  # noqa: ANN001, ANN201
-    async def main():  # noqa: ANN202
-        client = TritonComponents(url, components=["speech_synth"])
-        try:
-            return await coro_fn(client)
-        finally:
-            await client.close()
-
-    return asyncio.run(main())
+    return triton_calls.run(coro_fn, url, "speech_synth")
 
 
 def log_line(server: TritonServer, request_id: str, timeout: float = 10.0) -> str:
-    pattern = re.compile(rf"speech_synth request_id='{re.escape(request_id)}' [^\n]*")
-    deadline = time.monotonic() + timeout
-    while True:
-        match = pattern.search(server.log_path.read_text(errors="replace"))
-        if match:
-            return match.group(0)
-        assert time.monotonic() < deadline, f"no log line for {request_id}:\n{server.log_tail()}"
-        time.sleep(0.02)
+    return triton_calls.request_log_line(server, "speech_synth", request_id, timeout)
 
 
 async def _collect(stream) -> list:  # noqa: ANN001
