@@ -37,12 +37,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.client import Conversation, read_wav_16k
 from vitaserve.components.base import GenerationParams, ImageInput
 from vitaserve.components.engines import AudioEngine, LLMEngine, SpeechEngine, VisionEngine
 from vitaserve.components.inprocess import InProcessComponents
+from vitaserve.families import get_family
+from vitaserve.families.base import EncoderEngine, rows_encoding
 from vitaserve.models.checkpoint import CheckpointDir
 from vitaserve.models.configs import TOKENS_PER_TILE
 from vitaserve.models.prompt import TextSegmenter, build_prompt, system_prompt
@@ -68,7 +69,8 @@ class InProcess:
         self.vision, self.audio = VisionEngine(ckpt), AudioEngine(ckpt)
         self.llm, self.speech = LLMEngine(ckpt), SpeechEngine(ckpt)
         self.pool = ThreadPoolExecutor(2)
-        engines = {"vision_encoder": self.vision, "audio_encoder": self.audio, "llm_decoder": self.llm,
+        engines = {"vision_encoder": EncoderEngine(self.vision, rows_encoding),
+                   "audio_encoder": EncoderEngine(self.audio, rows_encoding), "llm_decoder": self.llm,
                    "speech_synth": self.speech}
         self.config = OrchestratorSettings.model_validate(
             {"backend": "inprocess", "checkpoint_dir": str(checkpoint), "listen_address": "127.0.0.1:0"})
@@ -84,7 +86,7 @@ class InProcess:
         outbox = Outbox()
         t0 = time.perf_counter()
         response = Response(
-            components=components, outbox=outbox, session_id="bench", turn_id="turn-1", response_id="resp-1",
+            components=components, family=get_family("vita15"), outbox=outbox, session_id="bench", turn_id="turn-1", response_id="resp-1",
             turn=TurnInput(images=(ImageInput(image, 1),), audio=pcm), history=[], settings=settings,
             limits=PipelineLimits.from_settings(self.config), committed_at=time.monotonic(),
             on_finished=lambda *_: None)

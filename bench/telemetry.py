@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from vitaserve.components.base import ComponentClient, GenerationParams, Health, SpeechChunk, TokenDelta
+from vitaserve.components.base import ComponentClient, Encoding, GenerationParams, Health, SpeechChunk, TokenDelta
 from vitaserve_orchestrator.instrumented import InstrumentedComponents
 from vitaserve_orchestrator.telemetry import Telemetry, setup_tracing
 
@@ -38,7 +38,7 @@ class Instant(ComponentClient):
         return []
 
     async def encode_audio(self, pcm, *, request_id=""):  # noqa: ANN001, ANN201
-        return np.zeros((1, 1), np.float32)
+        return Encoding(embeddings=np.zeros((1, 1), np.float32))
 
     async def generate(self, prompt: str, media: Sequence[np.ndarray], params: GenerationParams, *,
                        request_id: str = "", session_id: str = "") -> AsyncIterator[TokenDelta]:

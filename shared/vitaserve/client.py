@@ -243,6 +243,9 @@ def describe(event: pb.ServerEvent) -> str:
                 f"total={t.total_ms:.0f} ms audio={t.audio_ms} ms")
     if kind == "error":
         return f"error      {body.code}: {body.message}"
+    if kind == "input_transcript":
+        seen = "".join(f"\n{'':31s}image: {d}" for d in body.image_descriptions)
+        return f"heard      {body.text!r}{seen}"
     text = str(body).replace("\n", " ").strip()
     return f"{kind:10s} {text}"
 

@@ -3,9 +3,14 @@
 Used by the embedded default (`python -m vitaserve.demo`), the end-to-end tests and the benchmarks, so all
 three run the platform exactly as deployed: real Triton models, a real orchestrator process, real gRPC.
 
-    with LocalStack(checkpoint_dir) as stack:
+    with LocalStack(checkpoint_dir) as stack:              # VITA-1.5 (tiny or real checkpoint)
         stack.orchestrator_address   # "127.0.0.1:PORT" for vitaserve.client
         stack.triton_url             # "127.0.0.1:PORT" for tritonclient / TritonComponents
+
+    with LocalStack(None, family="small") as stack: ...    # the small family (weights from packages)
+
+The family is one environment variable, VITASERVE_MODEL_FAMILY, read by the Triton models and the
+orchestrator alike, so both sides always serve the same family.
 """
 
 from __future__ import annotations
@@ -102,17 +107,21 @@ class OrchestratorProcess:
 
 
 class LocalStack:
-    """Triton (the four models, or `models`) + the orchestrator, for one checkpoint directory."""
+    """Triton (the four models, or `models`) + the orchestrator, for one model family and its checkpoint
+    directory (None: the family needs none, e.g. small, whose LLM cache is then the default one)."""
 
-    def __init__(self, checkpoint_dir: str | Path, *, models: list[str] | None = None, orchestrator: bool = True,
+    def __init__(self, checkpoint_dir: str | Path | None, *, family: str = "vita15",
+                 models: list[str] | None = None, orchestrator: bool = True,
                  work_dir: str | Path | None = None, orchestrator_env: dict[str, str] | None = None) -> None:
-        self.checkpoint_dir = Path(checkpoint_dir).resolve()
+        self.family = family
+        self.checkpoint_dir = Path(checkpoint_dir).resolve() if checkpoint_dir is not None else None
         self._own_tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="vitaserve-stack-")
         self.work_dir = Path(work_dir) if work_dir else Path(self._own_tmp.name)  # type: ignore[union-attr]
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.triton = TritonServer(MODEL_REPOSITORY, models=models, work_dir=self.work_dir / "triton",
                                    log_path=self.work_dir / "triton.log",
-                                   env={"VITASERVE_CHECKPOINT_DIR": str(self.checkpoint_dir),
+                                   env={"VITASERVE_MODEL_FAMILY": family,
+                                        "VITASERVE_CHECKPOINT_DIR": str(self.checkpoint_dir or ""),
                                         # four model processes share this host's cores: one torch
                                         # thread each avoids OpenMP pools spinning against each other
                                         "VITASERVE_CPU_THREADS": os.environ.get("VITASERVE_CPU_THREADS", "1")})
@@ -134,7 +143,7 @@ class LocalStack:
         if self._with_orchestrator:
             try:
                 env = {"VITASERVE_BACKEND": "triton", "VITASERVE_TRITON_URL": self.triton_url,
-                       **self._orchestrator_env}
+                       "VITASERVE_MODEL_FAMILY": self.family, **self._orchestrator_env}
                 self.orchestrator = OrchestratorProcess(env, log_path=self.work_dir / "orchestrator.log").start()
             except Exception:
                 self.triton.stop()

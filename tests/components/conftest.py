@@ -58,6 +58,16 @@ def engines(checkpoint: CheckpointDir) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def family_engines(engines: dict[str, Any]) -> dict[str, Any]:
+    """The same engines as the vita15 family builds them (encoders answering in `Encoding`s), for
+    `InProcessComponents(engines=...)`."""
+    from vitaserve.families.base import EncoderEngine, rows_encoding
+
+    return {**engines, **{name: EncoderEngine(engines[name], rows_encoding)
+                          for name in ("vision_encoder", "audio_encoder")}}
+
+
+@pytest.fixture(scope="session")
 def images(golden_dir: Path) -> dict[str, bytes]:
     """Golden PNGs: 'wide' 800x600, 'tall' 300x1200, 'square' 448x448."""
     return {

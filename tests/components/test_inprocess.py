@@ -42,8 +42,8 @@ class CountingLLM:
 
 
 @pytest.fixture()
-def client(engines) -> Iterator[InProcessComponents]:
-    client = InProcessComponents(engines=engines)
+def client(family_engines) -> Iterator[InProcessComponents]:
+    client = InProcessComponents(engines=family_engines)
     yield client
     asyncio.run(client.close())
 
@@ -55,8 +55,9 @@ def test_encoders_and_health(client, engines, images, speech_pcm) -> None:
         return embeds, audio, await client.health()
 
     embeds, audio, health = asyncio.run(run())
-    assert [e.shape for e in embeds] == [(256, 64), (5 * 256, 64)]
-    np.testing.assert_array_equal(audio, engines["audio_encoder"].encode([speech_pcm])[0])
+    assert [e.embeddings.shape for e in embeds] == [(256, 64), (5 * 256, 64)]
+    assert [e.text for e in (*embeds, audio)] == ["", "", ""]  # VITA-1.5's encoders give rows only
+    np.testing.assert_array_equal(audio.embeddings, engines["audio_encoder"].encode([speech_pcm])[0])
     assert health.all_ready and set(health.ready) == {"vision_encoder", "audio_encoder", "llm_decoder",
                                                        "speech_synth"}
 
@@ -64,7 +65,8 @@ def test_encoders_and_health(client, engines, images, speech_pcm) -> None:
 def test_generate_and_synthesize_stream(client, engines, make_prompt, images) -> None:
     async def run() -> tuple[list[TokenDelta], list[SpeechChunk]]:
         embeds = await client.encode_images([ImageInput(images["square"])])
-        deltas = [d async for d in client.generate(make_prompt(1), embeds, GenerationParams(max_tokens=6))]
+        deltas = [d async for d in client.generate(make_prompt(1), [embeds[0].embeddings],
+                                                   GenerationParams(max_tokens=6))]
         chunks = [c async for c in client.synthesize("Hi there.", first_sentence=True, seed=5)]
         return deltas, chunks
 
@@ -96,7 +98,7 @@ def test_errors_propagate_as_vitaserve_errors(client, make_prompt, images) -> No
 
 def _cancellation_client(engines: Any) -> tuple[InProcessComponents, CountingLLM]:
     counting = CountingLLM(engines["llm_decoder"])
-    return InProcessComponents(engines={**engines, "llm_decoder": counting}), counting
+    return InProcessComponents(engines={**engines, "llm_decoder": counting}), counting  # LLM calls only
 
 
 def test_aclose_stops_the_engine_before_the_next_token(engines, make_prompt) -> None:

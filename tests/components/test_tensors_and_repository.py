@@ -62,6 +62,7 @@ def test_rendered_configs_parse_and_match_their_spec(name: str) -> None:
     assert config["name"] == name and config["backend"] == "python"
     params = {k: v["string_value"] if v else "" for k, v in config["parameters"].items()}
     assert params.get("checkpoint_dir", "") == "" and params["dtype"] == "float32" and params["device"] == "cpu"
+    assert params.get("family", "") == ""  # the server's VITASERVE_MODEL_FAMILY decides
     assert config["instance_group"] == [{"kind": "KIND_CPU", "count": 1}]
     if MODELS[name].batched:
         assert config["dynamic_batching"]["max_queue_delay_microseconds"] == "2000"
@@ -70,17 +71,19 @@ def test_rendered_configs_parse_and_match_their_spec(name: str) -> None:
 
 
 def test_gpu_rendering(tmp_path: Path) -> None:
-    out = render_repository(tmp_path, kind="gpu", instances=2, checkpoint_dir="/models/VITA-1.5",
+    out = render_repository(tmp_path, kind="gpu", instances=2, family="vita15", checkpoint_dir="/models/VITA-1.5",
                             dtype="bfloat16", models=["llm_decoder", "vision_encoder"], max_streams=8)
     assert sorted(p.name for p in out.iterdir()) == ["llm_decoder", "vision_encoder"]
     llm = parsed((out / "llm_decoder" / "config.pbtxt").read_text())
     LLM_DECODER.check_config(llm)
     assert llm["instance_group"] == [{"kind": "KIND_GPU", "count": 2}]
     params = {k: v["string_value"] for k, v in llm["parameters"].items()}
-    assert params == {"checkpoint_dir": "/models/VITA-1.5", "dtype": "bfloat16", "device": "cuda",
+    assert params == {"family": "vita15", "checkpoint_dir": "/models/VITA-1.5", "dtype": "bfloat16", "device": "cuda",
                       **LLM_ENGINE_DEFAULTS, **LLM_STREAM_DEFAULTS}  # one engine thread batches every stream
     assert (out / "llm_decoder" / "1" / "model.py").read_text() == (
         CHECKED_IN / "llm_decoder" / "1" / "model.py").read_text()
+    with pytest.raises(ValueError, match="unknown model family 'vita2'; known: vita15, small"):
+        render_repository(tmp_path, family="vita2")
 
 
 def test_llm_engine_parameters_render_and_parse(tmp_path: Path) -> None:

@@ -72,10 +72,12 @@ def test_embeddings_equal_in_process(server, engines, images, speech_pcm) -> Non
 
     remote_images, remote_audio = run(calls, server.grpc_url)
     local_images = engines["vision_encoder"].encode(inputs)
-    assert [r.shape for r in remote_images] == [(256, 64), (5 * 256, 64), (256, 64)]
+    assert [r.embeddings.shape for r in remote_images] == [(256, 64), (5 * 256, 64), (256, 64)]
+    assert [r.text for r in (*remote_images, remote_audio)] == ["", "", "", ""]  # vita15: rows only
     for remote, local in zip(remote_images, local_images):
-        np.testing.assert_allclose(remote, local, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(remote_audio, engines["audio_encoder"].encode([speech_pcm])[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(remote.embeddings, local, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(remote_audio.embeddings, engines["audio_encoder"].encode([speech_pcm])[0],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_greedy_tokens_equal_in_process(server, engines, images, speech_pcm, make_prompt) -> None:
@@ -192,7 +194,7 @@ def test_invalid_input_through_triton(server, images, make_prompt) -> None:
                 await call()
             errors.append(caught.value)
         # A bad request does not disturb the next good one.
-        assert (await client.encode_images([ImageInput(images["square"])]))[0].shape == (256, 64)
+        assert (await client.encode_images([ImageInput(images["square"])]))[0].embeddings.shape == (256, 64)
         return errors
 
     errors = run(calls, server.grpc_url)
@@ -219,7 +221,7 @@ def test_dynamic_batching_groups_concurrent_callers(server, images) -> None:
                                              for i, c in enumerate(clients)))
         finally:
             await asyncio.gather(*(c.close() for c in clients))
-        assert all(r[0].shape == (256, 64) for r in results)
+        assert all(r[0].embeddings.shape == (256, 64) for r in results)
         # Triton records the statistics after execute() returns, which may be after the responses arrived.
         deadline = time.monotonic() + 5
         while (after := await stats())[0] - before[0] < 8 and time.monotonic() < deadline:

@@ -75,6 +75,20 @@ def test_cpu_profile() -> None:
     assert not {"orchestrator", "triton-llm"} & set(services)  # the GPU set stays down
 
 
+def test_one_model_family_for_every_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    """VITASERVE_MODEL_FAMILY reaches Triton, the orchestrator and the batch worker alike (vita15 unless
+    set); the orchestrator's settings accept it."""
+    for family in ("vita15", "small"):
+        if family == "small":
+            monkeypatch.setenv("VITASERVE_MODEL_FAMILY", "small")
+        services = _profile(_config("--profile", "cpu")["services"], "cpu")
+        for name in ("triton-cpu", "orchestrator-cpu", "batch-worker-cpu"):
+            assert services[name]["environment"]["VITASERVE_MODEL_FAMILY"] == family, name
+        assert _settings(services["orchestrator-cpu"]["environment"]).model_family == family
+        # the small family's LLM cache is on the container's writable /tmp
+        assert services["triton-cpu"]["environment"]["VITASERVE_SMALL_CACHE"].startswith("/tmp/")
+
+
 def test_orchestrators_keep_sessions_in_redis() -> None:
     for args, name in ((("--profile", "gpu"), "orchestrator"), (("--profile", "cpu"), "orchestrator-cpu")):
         services = _config(*args)["services"]

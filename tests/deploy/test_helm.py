@@ -99,12 +99,37 @@ def test_bad_values_fail_with_a_clear_message() -> None:
         chart.render({"apiKeys": {"enabled": True}}, name="vs", namespace="ml")
 
 
+@pytest.mark.parametrize("case", ["default", "small-cpu.yaml"])
+def test_the_model_family_reaches_every_component(case: str) -> None:
+    """One value, `modelFamily`, sets VITASERVE_MODEL_FAMILY of the Triton pods, the orchestrator and the
+    batch worker; only vita15 mounts the checkpoint (the small family's weights are in the image)."""
+    family = "small" if case == "small-cpu.yaml" else "vita15"
+    docs = render(case)
+    for name, spec in pod_specs(docs):
+        for container in spec["containers"]:
+            env = {e["name"]: e.get("value") for e in container.get("env", [])}
+            if container["name"] in ("triton", "orchestrator", "worker", "beat"):
+                assert env.get("VITASERVE_MODEL_FAMILY") == family, (name, container["name"])
+    for model, deployment in triton_deployments(docs).items():
+        spec = deployment["spec"]["template"]["spec"]
+        (triton,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in triton["env"]}
+        mounts = {m["name"] for m in triton["volumeMounts"]}
+        volumes = {v["name"] for v in spec["volumes"]}
+        if family == "vita15":
+            assert env["VITASERVE_CHECKPOINT_DIR"] == "/models/vita" and "checkpoint" in mounts & volumes
+        else:
+            assert "VITASERVE_CHECKPOINT_DIR" not in env and "checkpoint" not in mounts | volumes, model
+    with pytest.raises(helm.HelmError, match='modelFamily must be vita15 or small, got "vita2"'):
+        helm.Chart.load(CHART).render({"modelFamily": "vita2"}, name="vs", namespace="ml")
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_one_triton_deployment_per_component_loading_only_its_model(case: str) -> None:
     docs = render(case)
     deployments = triton_deployments(docs)
     assert sorted(deployments) == sorted(COMPONENTS)
-    gpu = case != "cpu-only.yaml"
+    gpu = case not in ("cpu-only.yaml", "small-cpu.yaml")
     for model, deployment in deployments.items():
         spec = deployment["spec"]["template"]["spec"]
         (triton,) = spec["containers"]

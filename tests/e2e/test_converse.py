@@ -38,6 +38,7 @@ def check_response(events: list[pb.ServerEvent], session_id: str) -> None:
     """Ordered text deltas, 24 kHz audio whose spans move forward, one done event last, ids everywhere."""
     assert kinds(events)[-1] == "response_done", kinds(events)
     assert kinds(events)[0] == "turn_started"
+    assert "input_transcript" not in kinds(events)  # VITA-1.5's encoders give LLM rows, no text
     response_ids = {e.response_id for e in events}
     assert len(response_ids) == 1 and "" not in response_ids
     assert {e.session_id for e in events} == {session_id}
@@ -68,6 +69,7 @@ def check_response(events: list[pb.ServerEvent], session_id: str) -> None:
 def test_image_and_spoken_question(stack: LocalStack) -> None:
     async def scenario() -> None:
         async with Conversation.open(stack.orchestrator_address, settings=SETTINGS) as conv:
+            assert conv.started is not None and conv.started.model_family == "vita15"
             reply, audio, rate, events = await run_turn(
                 conv, image=(EXAMPLES / "camera.png").read_bytes(), pcm16=read_wav_16k(EXAMPLES / "question.wav"),
                 text=None, echo=False)

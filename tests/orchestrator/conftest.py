@@ -74,13 +74,8 @@ def short_pcm() -> np.ndarray:
 def tiny_engines(tiny_checkpoint: Path) -> dict[str, Any]:
     """The four engines on the tiny golden checkpoint, loaded once; each test wraps them in its own
     `InProcessComponents(engines=...)` (closing one closes its thread pool, not the engines)."""
-    from vitaserve.components.engines import AudioEngine, LLMEngine, SpeechEngine, VisionEngine
-    from vitaserve.models.checkpoint import CheckpointDir
+    from vitaserve.components.base import COMPONENTS
+    from vitaserve.families import EngineOptions, get_family
 
-    checkpoint = CheckpointDir(tiny_checkpoint)
-    return {
-        "vision_encoder": VisionEngine(checkpoint),
-        "audio_encoder": AudioEngine(checkpoint),
-        "llm_decoder": LLMEngine(checkpoint),
-        "speech_synth": SpeechEngine(checkpoint),
-    }
+    family, options = get_family("vita15"), EngineOptions(str(tiny_checkpoint))
+    return {name: family.engine(name, options) for name in COMPONENTS}

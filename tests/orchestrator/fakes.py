@@ -21,6 +21,7 @@ import numpy as np
 from vitaserve.components.base import (
     COMPONENTS,
     ComponentClient,
+    Encoding,
     GenerationParams,
     Health,
     ImageInput,
@@ -68,6 +69,8 @@ class FakeComponents(ComponentClient):
     speech_gate: tuple[int, int, asyncio.Event] | None = None
     errors: dict[str, VitaserveError] = field(default_factory=dict)
     hang: set[str] = field(default_factory=set)
+    transcript: str = ""  # what encode_audio "heard" (a text family's transcript)
+    descriptions: tuple[str, ...] = ()  # what encode_images "saw", per image (a text family)
     barrier: bool = False
     ready: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, True))
     # Records.
@@ -99,20 +102,22 @@ class FakeComponents(ComponentClient):
             self._both_started.set()
         await asyncio.wait_for(self._both_started.wait(), timeout=2.0)
 
-    async def encode_images(self, images: Sequence[ImageInput], *, request_id: str = "") -> list[np.ndarray]:
+    async def encode_images(self, images: Sequence[ImageInput], *, request_id: str = "") -> list[Encoding]:
         await self._enter("vision_encoder")
         self.image_calls.append(list(images))
         await self._meet("vision_encoder")
         return [
-            np.full((TILE_ROWS * max(1, img.max_tiles), HIDDEN), k, np.float32)
+            Encoding(embeddings=np.full((TILE_ROWS * max(1, img.max_tiles), HIDDEN), k, np.float32),
+                     text=self.descriptions[k % len(self.descriptions)] if self.descriptions else "")
             for k, img in enumerate(images)
         ]
 
-    async def encode_audio(self, pcm: np.ndarray, *, request_id: str = "") -> np.ndarray:
+    async def encode_audio(self, pcm: np.ndarray, *, request_id: str = "") -> Encoding:
         await self._enter("audio_encoder")
         self.audio_calls.append(np.asarray(pcm))
         await self._meet("audio_encoder")
-        return np.ones((max(1, len(pcm) // 1280), HIDDEN), np.float32)  # 12.5 tokens per second
+        # 12.5 rows per second (VITA-1.5), and the transcript a text family's recogniser would give
+        return Encoding(embeddings=np.ones((max(1, len(pcm) // 1280), HIDDEN), np.float32), text=self.transcript)
 
     async def warm_prefix(self, prompt: str, *, session_id: str, request_id: str = "") -> int:
         """Recorded apart from `generate` (the tests of turns count the LLM streams of turns)."""

@@ -14,11 +14,11 @@ import pytest
 from conftest import make_config, run
 from fakes import FakeComponents, VirtualClock
 from PIL import Image
-
+from vitaserve.families.vita15 import AUDIO_MARKER, IMAGE_MARKER
 from vitaserve_orchestrator import events as ev
 from vitaserve_orchestrator.conversation import Conversation
 from vitaserve_orchestrator.outbox import Outbox
-from vitaserve_orchestrator.session import AUDIO_MARKER, IMAGE_MARKER, InMemorySessionStore, SettingsUpdate
+from vitaserve_orchestrator.session import InMemorySessionStore, SettingsUpdate
 from vitaserve_orchestrator.settings import OrchestratorSettings
 from vitaserve_orchestrator.vad import SileroVad
 

@@ -5,22 +5,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import make_config, run
 from pydantic import ValidationError
-
+from vitaserve.components.base import Encoding, ImageInput
 from vitaserve.errors import InvalidInput, NotFound, ResourceExhausted
+from vitaserve.families import TurnContent, get_family
+from vitaserve.families.vita15 import AUDIO_MARKER, IMAGE_MARKER
 from vitaserve.models.prompt import Turn, build_prompt
 from vitaserve_orchestrator.session import (
-    AUDIO_MARKER,
-    IMAGE_MARKER,
     Frame,
     InMemorySessionStore,
     Session,
     SessionSettings,
     SettingsUpdate,
     history_reply_text,
-    history_user_text,
 )
 from vitaserve_orchestrator.settings import OrchestratorSettings
 
@@ -109,9 +109,16 @@ def test_store_hands_out_copies_and_expires_idle_sessions() -> None:
 
 
 def test_history_policy_keeps_text_only_and_prompts_stay_valid() -> None:
-    user = history_user_text("What is it?", images=1, spoken=True)
+    vita = get_family("vita15")
+    spoken = Encoding(embeddings=np.ones((3, 4), np.float32))
+    user = vita.history_user_text(TurnContent("What is it?", images=(ImageInput(b"png"),), audio=spoken))
     assert user == f"{IMAGE_MARKER} What is it? {AUDIO_MARKER}"
-    assert history_user_text("", images=0, spoken=True) == AUDIO_MARKER
+    assert vita.history_user_text(TurnContent("", audio=spoken)) == AUDIO_MARKER
+    # The small family keeps the user's words and what its LLM read of the picture instead of markers.
+    small = get_family("small")
+    heard = TurnContent("", images=(ImageInput(b"png"),), image_encodings=(Encoding(text="a cat"),),
+                        audio=Encoding(text="What is it? <|im_end|>"))
+    assert small.history_user_text(heard) == "Image: a cat\nQuestion: What is it? "
     # A reply that contains reserved tokens is cleaned, or build_prompt would refuse every later turn.
     reply = history_reply_text("☞", "A <image> cat<|endoftext|>.")
     assert reply == "☞A  cat."

@@ -17,12 +17,12 @@ from fakes import FakeComponents, VirtualClock
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
-
 from vitaserve.cluster.discovery import StaticDiscovery
 from vitaserve.cluster.routing import Router
 from vitaserve.components.base import GenerationParams, ImageInput
 from vitaserve.components.triton import trace_headers
 from vitaserve.errors import Unavailable
+from vitaserve.families import get_family
 from vitaserve_orchestrator import events as ev
 from vitaserve_orchestrator.instrumented import InstrumentedComponents
 from vitaserve_orchestrator.outbox import Outbox
@@ -155,7 +155,8 @@ def _response(fake: FakeComponents, telemetry: Telemetry, **limits: float) -> tu
     outbox = Outbox("s", clock=clock, sleep=clock.sleep)
     config = make_config()
     session = SessionSettings.resolve(SettingsUpdate(), config)
-    response = Response(components=InstrumentedComponents(fake, telemetry), outbox=outbox, session_id="s",
+    response = Response(components=InstrumentedComponents(fake, telemetry), family=get_family("vita15"),
+                        outbox=outbox, session_id="s",
                         turn_id="t1", response_id="r1", turn=TurnInput(text="hi"), history=(),
                         settings=session, limits=PipelineLimits(**limits), committed_at=clock(),
                         on_finished=lambda _r, _o: None, clock=clock, telemetry=telemetry)

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 from conftest import make_config, run
 from fakes import FakeComponents, VirtualClock
-
 from vitaserve.components.base import ImageInput
 from vitaserve.errors import Unavailable
+from vitaserve.families import get_family
 from vitaserve.models.prompt import Turn, strip_state_marks, system_prompt
 from vitaserve_orchestrator.events import (
     AudioOut,
     Envelope,
     ErrorEvent,
+    InputTranscript,
     Interrupted,
     ResponseDone,
     TextDelta,
@@ -49,6 +50,7 @@ class Harness:
         history: Sequence[Turn] = (),
         session: SessionSettings | None = None,
         limits: PipelineLimits | None = None,
+        family: str = "vita15",
     ) -> None:
         self.fake = fake
         self.clock = VirtualClock()  # paced audio goes out in virtual time
@@ -56,6 +58,7 @@ class Harness:
         self.outcomes: list[Outcome] = []
         self.response = Response(
             components=fake,
+            family=get_family(family),
             outbox=self.outbox,
             session_id="sess-test",
             turn_id="turn-1",
@@ -188,6 +191,51 @@ def test_encoders_run_in_parallel_and_prompt_has_the_media(question_pcm: np.ndar
         media = fake.media[0]
         assert [m.shape[0] for m in media] == [256, 256, 256, len(question_pcm) // 1280]
         assert events[-1].event.timings.encode_ms > 0
+
+    run(body())
+
+
+def test_a_text_family_turn_sends_what_was_heard_and_prompts_with_text_only(question_pcm: np.ndarray) -> None:
+    """The small family: the encoders' text (transcript, descriptions) goes to the client first, then into
+    a ChatML text prompt with no media."""
+
+    async def body() -> None:
+        fake = FakeComponents(transcript="What is in the picture?", descriptions=("a photo of a tabby cat",),
+                              reply=["It", " is", " a", " cat", ",", " sitting", " still", "."])
+        turn = TurnInput(text="", images=(ImageInput(b"png"),), frames=(b"f1",), audio=question_pcm)
+        h = Harness(fake, turn, history=[Turn("Question: Hi", "Hello!")], family="small")
+        h.response.start()
+        events = await h.until_end()
+        assert isinstance(events[-1].event, ResponseDone), events[-1]
+        (heard,) = of(events, InputTranscript)
+        assert heard == InputTranscript("What is in the picture?", ("a photo of a tabby cat",) * 2)
+        kinds = [type(e.event) for e in events]
+        assert kinds.index(InputTranscript) < kinds.index(TextDelta)
+        assert fake.media == [[]]  # the LLM reads text only
+        small = get_family("small")
+        assert fake.prompts[0] == (
+            f"<|im_start|>system\n{small.system_prompt(None, realtime=True)}<|im_end|>\n"
+            "<|im_start|>user\nQuestion: Hi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+            "<|im_start|>user\nImage: a photo of a tabby cat\nCamera: a photo of a tabby cat\n"
+            "Question: What is in the picture?<|im_end|>\n<|im_start|>assistant\n")
+        # English segments: the first cut at a comma once 12 characters are in, commas kept as they are
+        assert [(s.text, s.first_sentence) for s in fake.speech_streams] == [
+            ("It is a cat,", True), (" sitting still.", False)]
+        assert small.history_user_text(h.response.content) == (
+            "Image: a photo of a tabby cat\nCamera: a photo of a tabby cat\nQuestion: What is in the picture?")
+
+    run(body())
+
+
+def test_a_text_family_turn_with_nothing_recognised_is_a_clear_error(question_pcm: np.ndarray) -> None:
+    async def body() -> None:
+        h = Harness(FakeComponents(transcript="  "), TurnInput(audio=question_pcm), family="small")
+        h.response.start()
+        events = await h.until_end()
+        error = events[-1].event
+        assert isinstance(error, ErrorEvent) and error.code == "INVALID_ARGUMENT"
+        assert "no words were recognised" in error.message
+        assert not h.fake.prompts  # nothing reached the LLM
 
     run(body())
 

@@ -4,13 +4,14 @@ The steps are the orchestrator's (`vitaserve_orchestrator.turn`), built from the
 without streaming to a client:
 
 1. encode: images (tiled, up to `max_tiles`) or video frames (one tile each) through the vision encoder
-   and the audio through the audio encoder, in parallel;
-2. prompt: `build_prompt` with one `<image>` placeholder per 256-row tile, media 'image' or 'video', and
-   the reference's offline system prompt (`system_prompt(media)`) unless the item gives its own;
+   and the audio through the audio encoder, in parallel; what they return is the model family's
+   (`vitaserve.families`): LLM rows (VITA-1.5) or text (the small family: descriptions, a transcript);
+2. prompt: the family renders the item (`ModelFamily.llm_request`) with its offline system prompt for the
+   media ('image' or 'video') unless the item gives its own;
 3. generate: the whole reply is collected; `strip_state_marks` removes the leading state mark. A ☟ (noise)
    reply has no text and no audio;
-4. speak (want_audio): the text is cut with `TextSegmenter` and each segment synthesised in order; the
-   PCM pieces are concatenated into one 24 kHz waveform.
+4. speak (want_audio): the text is cut with the family's segmenter and each segment synthesised in
+   order; the PCM pieces are concatenated into one 24 kHz waveform.
 
 Every wait is bounded (`encode_timeout_s`, `first_token_timeout_s`, the whole item `item_timeout_s`); a
 timeout is `Unavailable` (retryable), like a component that cannot be reached.
@@ -25,10 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vitaserve.components.base import ComponentClient, GenerationParams
+from vitaserve.components.base import ComponentClient, Encoding, GenerationParams
 from vitaserve.errors import Unavailable, VitaserveError
-from vitaserve.models.configs import SPEECH_SAMPLE_RATE, TOKENS_PER_TILE
-from vitaserve.models.prompt import MARK_NOISE, TextSegmenter, build_prompt, strip_state_marks, system_prompt
+from vitaserve.families import ModelFamily, TurnContent, get_family
+from vitaserve.models.configs import SPEECH_SAMPLE_RATE
+from vitaserve.models.prompt import DEFAULT_MAX_USER_CHARS, MARK_NOISE, strip_state_marks
 from vitaserve_batch.media import ItemMedia
 
 
@@ -39,6 +41,7 @@ class PipelineConfig:
     seed: int | None = None
     want_audio: bool = False
     system_prompt: str | None = None
+    family: str = ""  # the model family (`vitaserve.families`); empty = the default
     encode_timeout_s: float = 60.0
     first_token_timeout_s: float = 120.0
     item_timeout_s: float = 300.0
@@ -46,7 +49,8 @@ class PipelineConfig:
 
 @dataclass
 class Answer:
-    """What one item produced. `pcm`: float32 mono at `sample_rate` (empty without audio)."""
+    """What one item produced. `pcm`: float32 mono at `sample_rate` (empty without audio). `transcript`:
+    the family's transcript of the item's audio (empty if it gives none)."""
 
     text: str
     state_mark: str
@@ -54,6 +58,7 @@ class Answer:
     pcm: np.ndarray
     sample_rate: int = SPEECH_SAMPLE_RATE
     timings: dict[str, float] = field(default_factory=dict)
+    transcript: str = ""
 
 
 async def answer_item(
@@ -82,23 +87,15 @@ async def _answer(components: ComponentClient, media: ItemMedia, prompt_text: st
     def ms() -> float:
         return round((clock() - t0) * 1000.0, 1)
 
-    vision, audio = await _encode(components, media, config.encode_timeout_s, request_id)
+    family = get_family(config.family)
+    content = await _encode(components, family, media, prompt_text, config.encode_timeout_s, request_id)
     timings["encode_ms"] = ms()
-    tiles = [block for v in vision for block in np.split(v, v.shape[0] // TOKENS_PER_TILE)]
-    media_kind = "image" if media.images else ("video" if media.frames else None)
-    prompt = build_prompt(
-        [],
-        prompt_text,
-        n_images=len(tiles),
-        has_audio=audio is not None,
-        media=media_kind,
-        system=config.system_prompt or system_prompt(media_kind),
-    )
+    system = config.system_prompt or family.system_prompt(content.media_kind, realtime=False)
+    request = family.llm_request([], content, system=system, max_chars=DEFAULT_MAX_USER_CHARS)
     params = GenerationParams(max_tokens=config.max_tokens, temperature=config.temperature, seed=config.seed)
     pieces: list[str] = []
     tokens = 0
-    stream = aiter(components.generate(prompt, [*tiles, *([audio] if audio is not None else [])], params,
-                                       request_id=request_id))
+    stream = aiter(components.generate(request.prompt, list(request.media), params, request_id=request_id))
     try:
         while True:
             try:
@@ -124,14 +121,15 @@ async def _answer(components: ComponentClient, media: ItemMedia, prompt_text: st
     pcm = np.zeros(0, dtype=np.float32)
     rate = SPEECH_SAMPLE_RATE
     if config.want_audio and text.strip():
-        pcm, rate = await _speak(components, text, config.seed, request_id)
+        pcm, rate = await _speak(components, family, text, config.seed, request_id)
         timings["speech_ms"] = ms()
     timings["total_ms"] = ms()
-    return Answer(text=text, state_mark=mark or "", tokens=tokens, pcm=pcm, sample_rate=rate, timings=timings)
+    return Answer(text=text, state_mark=mark or "", tokens=tokens, pcm=pcm, sample_rate=rate, timings=timings,
+                  transcript=content.transcript)
 
 
-async def _encode(components: ComponentClient, media: ItemMedia, timeout_s: float, request_id: str
-                  ) -> tuple[list[np.ndarray], np.ndarray | None]:
+async def _encode(components: ComponentClient, family: ModelFamily, media: ItemMedia, text: str,
+                  timeout_s: float, request_id: str) -> TurnContent:
     pictures = [*media.images, *media.frames]
     try:
         async with asyncio.timeout(timeout_s), asyncio.TaskGroup() as group:
@@ -143,21 +141,19 @@ async def _encode(components: ComponentClient, media: ItemMedia, timeout_s: floa
         raise Unavailable(f"the encoders did not answer within {timeout_s:g} s") from None
     except BaseExceptionGroup as group_error:
         raise _first_error(group_error) from None
-    arrays = list(vision.result()) if vision is not None else []
-    if len(arrays) != len(pictures):
-        raise VitaserveError(f"vision_encoder returned {len(arrays)} arrays for {len(pictures)} images")
-    for k, arr in enumerate(arrays):
-        if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[0] % TOKENS_PER_TILE:
-            raise VitaserveError(f"vision_encoder returned shape {arr.shape} for image {k}")
-    emb = audio.result() if audio is not None else None
-    if emb is not None and (emb.ndim != 2 or emb.shape[0] == 0):
-        raise VitaserveError(f"audio_encoder returned an array of shape {emb.shape}")
-    return arrays, emb
+    encodings: list[Encoding] = list(vision.result()) if vision is not None else []
+    family.check_images(pictures, encodings)
+    spoken = audio.result() if audio is not None else None
+    if spoken is not None:
+        family.check_audio(spoken)
+    n = len(media.images)
+    return TurnContent(text=text, images=tuple(media.images), image_encodings=tuple(encodings[:n]),
+                       frame_encodings=tuple(encodings[n:]), audio=spoken)
 
 
-async def _speak(components: ComponentClient, text: str, seed: int | None, request_id: str
-                 ) -> tuple[np.ndarray, int]:
-    segmenter = TextSegmenter()
+async def _speak(components: ComponentClient, family: ModelFamily, text: str, seed: int | None,
+                 request_id: str) -> tuple[np.ndarray, int]:
+    segmenter = family.segmenter()
     segments = segmenter.push(text)
     if (tail := segmenter.flush()) is not None:
         segments.append(tail)

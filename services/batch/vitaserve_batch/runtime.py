@@ -37,8 +37,7 @@ def build_components(settings: BatchSettings) -> ComponentClient:
         )
     from vitaserve.components.inprocess import InProcessComponents
 
-    assert settings.checkpoint_dir is not None  # checked by the settings
-    return InProcessComponents(settings.checkpoint_dir)
+    return InProcessComponents(settings.checkpoint_dir, family=settings.model_family)  # checked by the settings
 
 
 class WorkerRuntime:

@@ -21,6 +21,7 @@ from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from vitaserve.components.base import COMPONENTS
+from vitaserve.families import DEFAULT_FAMILY, FAMILIES, get_family
 
 ENV_PREFIX = "VITASERVE_BATCH_"
 MiB = 1024 * 1024
@@ -94,6 +95,11 @@ class BatchSettings(BaseSettings):
     max_job_concurrency: int = Field(16, ge=1, description="Largest concurrency a job may ask for.")
 
     # --- components ------------------------------------------------------------------------------------
+    model_family: str = Field(
+        DEFAULT_FAMILY, description="The model family the components serve (vitaserve.families: "
+        + ", ".join(FAMILIES) + "); also read from VITASERVE_MODEL_FAMILY, which the Triton models read too.",
+        validation_alias=AliasChoices("model_family", f"{ENV_PREFIX}MODEL_FAMILY", "VITASERVE_MODEL_FAMILY"),
+    )
     backend: Literal["triton", "inprocess"] = Field(
         "triton", description="Where the four models run: a Triton deployment, or in the worker process."
     )
@@ -103,7 +109,8 @@ class BatchSettings(BaseSettings):
     llm_decoder_url: str | None = _url_field("llm_decoder")  # type: ignore[assignment]
     speech_synth_url: str | None = _url_field("speech_synth")  # type: ignore[assignment]
     checkpoint_dir: Path | None = Field(
-        None, description="Checkpoint directory in the released layout (backend=inprocess)."
+        None, description="Checkpoint directory in the released layout (backend=inprocess; the small family "
+        "needs none)."
     )
 
     # --- bounded waits on components (a stuck component is UNAVAILABLE: retried, never a hang) ----------
@@ -140,7 +147,8 @@ class BatchSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> BatchSettings:
-        if self.backend == "inprocess" and self.checkpoint_dir is None:
+        family = get_family(self.model_family)  # ValueError naming the known families
+        if self.backend == "inprocess" and self.checkpoint_dir is None and family.needs_checkpoint:
             raise ValueError(f"backend=inprocess needs {ENV_PREFIX}CHECKPOINT_DIR")
         if self.default_max_tokens > self.max_tokens_limit:
             raise ValueError("default_max_tokens must be <= max_tokens_limit")

@@ -4,6 +4,7 @@ this process)."""
 from __future__ import annotations
 
 from vitaserve.components.base import ComponentClient
+
 from vitaserve_orchestrator.settings import OrchestratorSettings
 
 
@@ -35,5 +36,4 @@ def build_components(config: OrchestratorSettings) -> ComponentClient:
         )
     from vitaserve.components.inprocess import InProcessComponents
 
-    assert config.checkpoint_dir is not None  # checked by the settings
-    return InProcessComponents(config.checkpoint_dir)
+    return InProcessComponents(config.checkpoint_dir, family=config.model_family)  # checked by the settings

@@ -39,11 +39,12 @@ from collections.abc import Callable
 import numpy as np
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-
 from vitaserve.components.base import ComponentClient, ImageInput
 from vitaserve.errors import FailedPrecondition, InvalidInput, VitaserveError
+from vitaserve.families import get_family
 from vitaserve.models.image import decode_image
 from vitaserve.models.prompt import check_text
+
 from vitaserve_orchestrator.auth import Tenant
 from vitaserve_orchestrator.bargein import BargeInPolicy
 from vitaserve_orchestrator.events import (
@@ -76,12 +77,18 @@ from vitaserve_orchestrator.session import (
     SessionStore,
     SessionSuperseded,
     history_reply_text,
-    history_user_text,
 )
 from vitaserve_orchestrator.settings import OrchestratorSettings
 from vitaserve_orchestrator.tasks import TaskSet
 from vitaserve_orchestrator.telemetry import Telemetry
-from vitaserve_orchestrator.turn import Outcome, PipelineLimits, Response, TurnInput, next_turn_prefix
+from vitaserve_orchestrator.turn import (
+    PROMPT_MAX_CHARS,
+    Outcome,
+    PipelineLimits,
+    Response,
+    TurnInput,
+    turn_system_prompt,
+)
 from vitaserve_orchestrator.vad import (
     SAMPLE_RATE,
     Endpointer,
@@ -124,6 +131,7 @@ class Conversation:
         self._store = store
         self._components = components
         self._config = config
+        self._family = get_family(config.model_family)
         self._outbox = outbox
         self._vad_factory = vad_factory
         self._clock = clock
@@ -199,6 +207,7 @@ class Conversation:
                 settings=session.settings,
                 history_turns=len(session.history),
                 history=tuple(session.history),
+                model_family=conversation._family.name,
             )
         )
         conversation._lease.start()
@@ -330,6 +339,7 @@ class Conversation:
                 settings=self.session.settings,
                 history_turns=len(self.session.history),
                 history=tuple(self.session.history),
+                model_family=self._family.name,
             )
         )
 
@@ -539,6 +549,7 @@ class Conversation:
         )
         self._response = Response(
             components=self._components,
+            family=self._family,
             outbox=self._outbox,
             session_id=self.session.id,
             turn_id=turn_id,
@@ -557,14 +568,13 @@ class Conversation:
 
     def _on_response_finished(self, response: Response, outcome: Outcome) -> None:
         if outcome.kind in ("done", "interrupted"):
-            turn = response.turn
             self.session.record_turn(
-                history_user_text(turn.text, images=len(turn.images), spoken=turn.audio is not None),
+                self._family.history_user_text(response.content),
                 history_reply_text(outcome.state_mark, outcome.text),
                 max_turns=self._config.max_history_turns,
             )
             if self._config.prefix_warmup and not self._ended:
-                self._warm_next_turn(turn, response.id)
+                self._warm_next_turn(response.turn, response.id)
         if not self._ended:
             self._saving = self._tasks.spawn(self._save_reporting(), "save")
 
@@ -579,8 +589,10 @@ class Conversation:
         # (a turn with frames is followed by one with frames: 'video'); a still image is sent once and
         # follow-up questions come without it (None).
         media_kind = "video" if turn.frames else None
+        system = turn_system_prompt(self._family, self.session.settings, media_kind)
         try:
-            prefix = next_turn_prefix(self.session.history, self.session.settings, media_kind)
+            prefix = self._family.next_turn_prefix(self.session.history, system=system,
+                                                   max_chars=PROMPT_MAX_CHARS)
         except VitaserveError as exc:
             log.debug("session %s: no KV warm-up: %s", self.session.id, exc)
             return

@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vitaserve.models.prompt import Turn
+
 from vitaserve_orchestrator.session import SessionSettings, SettingsUpdate
 
 # ------------------------------------------------------------------------------------------------
@@ -107,6 +108,7 @@ class SessionStarted:
     settings: SessionSettings
     history_turns: int
     history: tuple[Turn, ...] = ()  # what the next turn's prompt holds, oldest first
+    model_family: str = ""  # the deployment's model family (`vitaserve.families`)
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,15 @@ class TurnStarted:
     modality: str  # "audio" | "text"
     images: int
     frames: int
+
+
+@dataclass(frozen=True)
+class InputTranscript:
+    """What the model family's encoders understood of the user's turn, for families that produce text:
+    the transcript of the spoken question and one description per picture (still images, then frames)."""
+
+    text: str
+    image_descriptions: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -190,6 +201,7 @@ ServerEvent = (
     | SpeechStarted
     | SpeechStopped
     | TurnStarted
+    | InputTranscript
     | TextDelta
     | AudioOut
     | ResponseDone

@@ -29,6 +29,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from vitaserve.components.base import (
     ComponentClient,
+    Encoding,
     GenerationParams,
     Health,
     ImageInput,
@@ -54,7 +55,7 @@ class InstrumentedComponents(ComponentClient):
             span.set_status(Status(StatusCode.ERROR, f"{exc.code}: {exc.message}"))
             span.set_attribute("vitaserve.error_code", exc.code)
 
-    async def encode_images(self, images: Sequence[ImageInput], *, request_id: str = "") -> list[np.ndarray]:
+    async def encode_images(self, images: Sequence[ImageInput], *, request_id: str = "") -> list[Encoding]:
         with self._tracer.start_as_current_span(
             "vision_encoder.encode", attributes={"vitaserve.request_id": request_id,
                                                  "vitaserve.images": len(images)},
@@ -66,7 +67,7 @@ class InstrumentedComponents(ComponentClient):
                 self._failed("vision_encoder", span, exc)
                 raise
 
-    async def encode_audio(self, pcm: np.ndarray, *, request_id: str = "") -> np.ndarray:
+    async def encode_audio(self, pcm: np.ndarray, *, request_id: str = "") -> Encoding:
         with self._tracer.start_as_current_span(
             "audio_encoder.encode", attributes={"vitaserve.request_id": request_id,
                                                 "vitaserve.audio_samples": int(np.size(pcm))},

@@ -28,12 +28,12 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from opentelemetry import propagate
 from opentelemetry.trace import Status, StatusCode
-
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.api.v1 import orchestrator_pb2_grpc as pb_grpc
 from vitaserve.components.base import ComponentClient
 from vitaserve.errors import InvalidInput, VitaserveError
 from vitaserve.models.prompt import STATE_MARKS, Turn
+
 from vitaserve_orchestrator import events as ev
 from vitaserve_orchestrator.auth import Authenticator, Tenant
 from vitaserve_orchestrator.bargein import BargeInConfig, BargeInUpdate
@@ -161,6 +161,7 @@ def server_event_to_proto(env: ev.Envelope) -> pb.ServerEvent:
                 settings=settings_to_proto(e.settings),
                 history_turns=e.history_turns,
                 history=[history_to_proto(t) for t in e.history],
+                model_family=e.model_family,
             )
         )
     elif isinstance(e, ev.SpeechStarted):
@@ -169,6 +170,10 @@ def server_event_to_proto(env: ev.Envelope) -> pb.ServerEvent:
         out.speech_stopped.audio_end_ms = e.audio_end_ms
     elif isinstance(e, ev.TurnStarted):
         out.turn_started.CopyFrom(pb.TurnStarted(modality=e.modality, images=e.images, frames=e.frames))
+    elif isinstance(e, ev.InputTranscript):
+        out.input_transcript.CopyFrom(
+            pb.InputTranscript(text=e.text, image_descriptions=list(e.image_descriptions))
+        )
     elif isinstance(e, ev.TextDelta):
         out.text_delta.CopyFrom(pb.TextDelta(text=e.text, offset=e.offset))
     elif isinstance(e, ev.AudioOut):

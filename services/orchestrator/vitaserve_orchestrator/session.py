@@ -12,9 +12,10 @@ What is persisted (the versioned JSON record, `RECORD_VERSION`): id, tenant, tur
 history. Nothing else: large media are never stored.
 
 History policy (what later turns see):
-- only text is kept: media bytes are never stored in history. A turn's user content is its typed text,
-  preceded by `IMAGE_MARKER` per still image and followed by `AUDIO_MARKER` if the question was spoken
-  (the spoken words themselves are not known: there is no speech recognition in VITA's path);
+- only text is kept: media bytes are never stored in history. A turn's user content is what the model
+  family makes of it (`ModelFamily.history_user_text`): VITA-1.5 keeps the typed text between `[image]`
+  markers and a `[spoken question]` marker (its path has no speech recognition); the small family keeps
+  the user message as its LLM read it (image descriptions and the transcript);
 - the assistant content is the reply as generated, state mark included (what `build_prompt` expects);
   an interrupted reply is cut to the text the user heard;
 - noise turns (reply mark ☟) are not kept; at most `max_history_turns` recent turns are kept.
@@ -40,7 +41,6 @@ import asyncio
 import copy
 import json
 import math
-import re
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -51,19 +51,15 @@ from typing import Any
 
 from vitaserve.components.base import ImageInput
 from vitaserve.errors import Aborted, InvalidInput, NotFound, ResourceExhausted, VitaserveError
+from vitaserve.families.base import clean_history_text
 from vitaserve.models.prompt import Turn, check_text
+
 from vitaserve_orchestrator.bargein import BargeInConfig, BargeInUpdate
 from vitaserve_orchestrator.settings import OrchestratorSettings
 
-IMAGE_MARKER = "[image]"
-AUDIO_MARKER = "[spoken question]"
 TURN_DETECTION_MODES = ("vad", "manual")
 DEFAULT_TENANT = "default"  # the one tenant when auth is off
 RECORD_VERSION = 1  # of the persisted JSON record; readers accept every version up to theirs
-# Text that build_prompt refuses in history (media placeholders, ChatML control tokens). A model may
-# generate such text; it is removed before the reply is kept, or every later turn would fail.
-_RESERVED = re.compile(r"<image>|<audio>|<video>|<\|[A-Za-z0-9_]+\|>")
-
 
 @dataclass(frozen=True)
 class SettingsUpdate:
@@ -223,15 +219,9 @@ class Session:
             del self.history[: len(self.history) - max_turns]
 
 
-def history_user_text(text: str, *, images: int, spoken: bool) -> str:
-    """The user content kept in history for a turn (see the module docstring)."""
-    parts = [IMAGE_MARKER] * images + ([text] if text else []) + ([AUDIO_MARKER] if spoken else [])
-    return " ".join(parts)
-
-
 def history_reply_text(state_mark: str, text: str) -> str:
     """The assistant content kept in history: the state mark and the (possibly cut) reply text."""
-    return _RESERVED.sub("", f"{state_mark}{text}")
+    return clean_history_text(f"{state_mark}{text}")  # a model may generate reserved tokens
 
 
 def new_session_id() -> str:

@@ -27,9 +27,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from vitaserve.cluster.discovery import parse_endpoints
 from vitaserve.components.base import COMPONENTS
+from vitaserve.families import DEFAULT_FAMILY, FAMILIES, get_family
 
 ENV_PREFIX = "VITASERVE_"
 MiB = 1024 * 1024
@@ -50,6 +50,12 @@ class OrchestratorSettings(BaseSettings):
     )
 
     # --- component backend --------------------------------------------------------------------------
+    model_family: str = Field(
+        DEFAULT_FAMILY,
+        description="The model family the components serve (vitaserve.families: " + ", ".join(FAMILIES)
+        + "): how turns become prompts, history and speech segments. The Triton models read the same "
+        "VITASERVE_MODEL_FAMILY (or their `family` parameter); the two must agree.",
+    )
     backend: Literal["triton", "inprocess"] = Field(
         "triton", description="Where the four models run: a Triton deployment, or in this process."
     )
@@ -67,7 +73,8 @@ class OrchestratorSettings(BaseSettings):
         None, description="Triton URL of speech_synth (overrides triton_url)."
     )
     checkpoint_dir: Path | None = Field(
-        None, description="Checkpoint directory in the released layout (backend=inprocess)."
+        None, description="Checkpoint directory in the released layout (backend=inprocess; the small family "
+        "needs none)."
     )
 
     # --- per-event input limits -----------------------------------------------------------------------
@@ -283,6 +290,7 @@ class OrchestratorSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check_backend(self) -> OrchestratorSettings:
+        get_family(self.model_family)  # ValueError naming the known families
         host, sep, port = self.listen_address.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"{ENV_PREFIX}LISTEN_ADDRESS must be host:port, got {self.listen_address!r}")
@@ -306,7 +314,8 @@ class OrchestratorSettings(BaseSettings):
                 except ValueError as exc:
                     raise ValueError(f"{ENV_PREFIX}{name.upper()}_URL (or TRITON_URL): {exc}") from None
         elif self.checkpoint_dir is None:
-            raise ValueError(f"backend=inprocess needs {ENV_PREFIX}CHECKPOINT_DIR")
+            if get_family(self.model_family).needs_checkpoint:
+                raise ValueError(f"backend=inprocess needs {ENV_PREFIX}CHECKPOINT_DIR")
         elif not self.checkpoint_dir.is_dir():
             raise ValueError(f"{ENV_PREFIX}CHECKPOINT_DIR is not a directory: {self.checkpoint_dir}")
         if self.max_reply_tokens > self.max_reply_tokens_limit:

@@ -4,13 +4,16 @@
 `aclose()`, `wait()`. Its task runs, with every wait bounded (`PipelineLimits`):
 
 1. encode: the vision encoder (still images, then up to 4 camera frames as one tile each) and the audio
-   encoder (a spoken turn) run in parallel; if one fails the other is cancelled;
-2. prompt: `build_prompt` with the session history; media 'image' when the turn has still images, else
-   'video' for camera frames; the real-time server's system prompts unless the session sets its own;
+   encoder (a spoken turn) run in parallel; if one fails the other is cancelled. What they return is the
+   model family's (`vitaserve.families`): LLM rows (VITA-1.5) or text; text (a transcript, image
+   descriptions) is sent to the client at once as `InputTranscript`;
+2. prompt: the family renders the turn after the session history (`ModelFamily.llm_request`); its
+   real-time system prompt for the turn's media ('image' for still images, 'video' for camera frames)
+   unless the session sets its own;
 3. generate: the LLM streams tokens; the leading state mark is stripped on the fly (`ReplyCleaner`). A ☟
    (noise) reply is stopped at once and produces no text and no audio, only a done event with mark ☟;
-4. speak: text deltas are sent in order and cut into sentences (`TextSegmenter`); a concurrent task
-   synthesises the segments one after the other while the LLM goes on; its audio is cut into frames of at
+4. speak: text deltas are sent in order and cut into sentences (the family's `TextSegmenter`); a
+   concurrent task synthesises the segments one after the other while the LLM goes on; its audio is cut into frames of at
    most `audio_frame_ms` (the outbox paces them, pacing.py), each carrying its segment's text span, a
    running `seq` and `start_ms`;
 5. done: `ResponseDone` with the timings (from the commit: encode, first token, first audio queued,
@@ -43,26 +46,24 @@ import numpy as np
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode
-
-from vitaserve.components.base import ComponentClient, GenerationParams, ImageInput
+from vitaserve.components.base import ComponentClient, Encoding, GenerationParams, ImageInput
 from vitaserve.errors import Unavailable, VitaserveError
+from vitaserve.families import ModelFamily, TurnContent
 from vitaserve.models.codec import pcm_to_int16
-from vitaserve.models.configs import TOKENS_PER_TILE
 from vitaserve.models.prompt import (
     IM_END,
-    IM_START,
     MARK_NOISE,
     STATE_MARKS,
     UNK,
     Segment,
     TextSegmenter,
     Turn,
-    build_prompt,
-    system_prompt,
 )
+
 from vitaserve_orchestrator.events import (
     AudioOut,
     ErrorEvent,
+    InputTranscript,
     Interrupted,
     ResponseDone,
     ServerEvent,
@@ -80,8 +81,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # The prompt's user text is checked where it arrives (settings.max_text_chars); history replies can be
-# longer than one user message, so build_prompt's own per-text limit is lifted.
-_PROMPT_MAX_CHARS = 1_000_000
+# longer than one user message, so the template's own per-text limit is lifted.
+PROMPT_MAX_CHARS = 1_000_000
 _JUNK = (UNK, IM_END)
 
 
@@ -195,14 +196,9 @@ def _partial_junk_suffix(text: str) -> int:
     return best
 
 
-def next_turn_prefix(history: Sequence[Turn], settings: SessionSettings, media_kind: str | None) -> str:
-    """The start of the session's next prompt, as `Response` will build it: the system prompt (for
-    `media_kind`, the caller's guess of the next turn's media) and `history`, up to and including the
-    next user message's header. Raises InvalidInput if the history cannot be rendered."""
-    system = settings.system_prompt or system_prompt(media_kind, realtime=True)
-    full = build_prompt(history, "x", media=media_kind, system=system, max_chars=_PROMPT_MAX_CHARS)
-    header = f"{IM_START}user\n"
-    return full[: full.rindex(header) + len(header)]
+def turn_system_prompt(family: ModelFamily, settings: SessionSettings, media_kind: str | None) -> str:
+    """The system prompt of a live turn with `media_kind`: the session's own, else the family's."""
+    return settings.system_prompt or family.system_prompt(media_kind, realtime=True)
 
 
 def _first_error(group: BaseExceptionGroup) -> BaseException:
@@ -255,6 +251,7 @@ class Response:
         self,
         *,
         components: ComponentClient,
+        family: ModelFamily,
         outbox: Outbox,
         session_id: str,
         turn_id: str,
@@ -273,8 +270,10 @@ class Response:
         self.turn_id = turn_id
         self.session_id = session_id
         self.turn = turn
+        self.content = TurnContent(text=turn.text, images=turn.images)  # what the encoders made of it
         self.playout = Playout(settings.playout_lead_ms, clock=clock)
         self._components = components
+        self._family = family
         self._outbox = outbox
         self._history = list(history)
         self._settings = settings
@@ -431,23 +430,12 @@ class Response:
             span.set_attribute("vitaserve.tokens", self._tokens)
 
     async def _pipeline(self) -> None:
-        vision, audio, encode_ms = await self._encode()
-        n_images = len(self.turn.images)
-        placeholders = sum(v.shape[0] // TOKENS_PER_TILE for v in vision)
-        media_kind = "image" if n_images else ("video" if self.turn.frames else None)
-        system = self._settings.system_prompt or system_prompt(media_kind, realtime=True)
-        prompt = build_prompt(
-            self._history,
-            self.turn.text,
-            n_images=placeholders,
-            has_audio=audio is not None,
-            media=media_kind,
-            system=system,
-            max_chars=_PROMPT_MAX_CHARS,
-        )
-        # One <image> placeholder per tile: split each image's rows into 256-row tiles (thumbnail last).
-        tiles = [block for v in vision for block in np.split(v, v.shape[0] // TOKENS_PER_TILE)]
-        media = [*tiles, *([audio] if audio is not None else [])]
+        self.content, encode_ms = await self._encode()
+        if self.content.transcript or self.content.descriptions:
+            self._emit(InputTranscript(text=self.content.transcript, image_descriptions=self.content.descriptions))
+        system = turn_system_prompt(self._family, self._settings, self.content.media_kind)
+        request = self._family.llm_request(self._history, self.content, system=system,
+                                           max_chars=PROMPT_MAX_CHARS)
         params = GenerationParams(
             max_tokens=self._settings.max_reply_tokens,
             temperature=self._settings.temperature,
@@ -460,7 +448,7 @@ class Response:
             async with asyncio.TaskGroup() as group:
                 if segments is not None:
                     group.create_task(self._speak(segments), name=f"speak:{self.id}")
-                noise = await self._generate(prompt, media, params, segments)
+                noise = await self._generate(request.prompt, list(request.media), params, segments)
         except BaseExceptionGroup as group_error:
             raise _first_error(group_error) from None
         timings = Timings(
@@ -475,22 +463,21 @@ class Response:
             ResponseDone(text="" if noise else self.text, state_mark=self._mark or "", timings=timings)
         )
 
-    async def _encode(self) -> tuple[list[np.ndarray], np.ndarray | None, float]:
-        """Vision and audio encoders in parallel; returns (one array per image/frame, audio, ms)."""
+    async def _encode(self) -> tuple[TurnContent, float]:
+        """Vision and audio encoders in parallel; returns what they made of the turn, and the ms."""
         started = self._clock()
-        pictures = [*self.turn.images, *(ImageInput(data=f, max_tiles=1) for f in self.turn.frames)]
-        if not pictures and self.turn.audio is None:
-            return [], None, 0.0
-        vision: asyncio.Task[list[np.ndarray]] | None = None
-        audio: asyncio.Task[np.ndarray] | None = None
+        turn = self.turn
+        pictures = [*turn.images, *(ImageInput(data=f, max_tiles=1) for f in turn.frames)]
+        if not pictures and turn.audio is None:
+            return TurnContent(text=turn.text), 0.0
+        vision: asyncio.Task[list[Encoding]] | None = None
+        audio: asyncio.Task[Encoding] | None = None
         try:
             async with asyncio.timeout(self._limits.encode_timeout_s), asyncio.TaskGroup() as group:
                 if pictures:
                     vision = group.create_task(self._components.encode_images(pictures, request_id=self.id))
-                if self.turn.audio is not None:
-                    audio = group.create_task(
-                        self._components.encode_audio(self.turn.audio, request_id=self.id)
-                    )
+                if turn.audio is not None:
+                    audio = group.create_task(self._components.encode_audio(turn.audio, request_id=self.id))
         except BaseExceptionGroup as group_error:
             raise _first_error(group_error) from None
         except TimeoutError:
@@ -499,20 +486,15 @@ class Response:
             raise ComponentTimeout(
                 late, f"the encoders did not answer within {self._limits.encode_timeout_s:g} s"
             ) from None
-        arrays = vision.result() if vision is not None else []
-        self._check_vision(pictures, arrays)
-        audio_emb = audio.result() if audio is not None else None
-        if audio_emb is not None and (audio_emb.ndim != 2 or audio_emb.shape[0] == 0):
-            raise VitaserveError(f"audio_encoder returned an array of shape {audio_emb.shape}")
-        return list(arrays), audio_emb, (self._clock() - started) * 1000.0
-
-    def _check_vision(self, pictures: list[ImageInput], arrays: Sequence[np.ndarray]) -> None:
-        if len(arrays) != len(pictures):
-            raise VitaserveError(f"vision_encoder returned {len(arrays)} arrays for {len(pictures)} images")
-        for k, (pic, arr) in enumerate(zip(pictures, arrays, strict=True)):
-            rows = arr.shape[0] if arr.ndim == 2 else -1
-            if rows <= 0 or rows % TOKENS_PER_TILE or rows // TOKENS_PER_TILE > max(pic.max_tiles, 1) + 1:
-                raise VitaserveError(f"vision_encoder returned shape {arr.shape} for image {k}")
+        encodings = vision.result() if vision is not None else []
+        self._family.check_images(pictures, encodings)
+        spoken = audio.result() if audio is not None else None
+        if spoken is not None:
+            self._family.check_audio(spoken)
+        n = len(turn.images)
+        content = TurnContent(text=turn.text, images=turn.images, image_encodings=tuple(encodings[:n]),
+                              frame_encodings=tuple(encodings[n:]), audio=spoken)
+        return content, (self._clock() - started) * 1000.0
 
     async def _generate(
         self,
@@ -523,7 +505,7 @@ class Response:
     ) -> bool:
         """Stream the LLM into text deltas and segments; returns True for a noise (☟) reply."""
         cleaner = ReplyCleaner()
-        segmenter = TextSegmenter()
+        segmenter = self._family.segmenter()
         noise = False
         stream = aiter(
             self._components.generate(prompt, media, params, request_id=self.id, session_id=self.session_id)

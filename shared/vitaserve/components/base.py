@@ -31,6 +31,22 @@ class ImageInput:
 
 
 @dataclass(frozen=True)
+class Encoding:
+    """What an encoder made of one input, as the model family defines it (`vitaserve.families`):
+    `embeddings`, (rows, H) float32 LLM rows for families that splice media into the prompt (VITA-1.5: 256
+    rows per image tile, 12.5 per second of audio), and/or `text`, for families whose LLM reads text (a
+    transcript of the spoken question, a description of the image). Empty fields are what the family does
+    not produce."""
+
+    embeddings: np.ndarray | None = None
+    text: str = ""
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.embeddings is None else int(self.embeddings.shape[0])
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     max_tokens: int = 512
     temperature: float = 0.0  # 0 = greedy
@@ -70,12 +86,14 @@ class ComponentClient(ABC):
     """The four components behind one async interface."""
 
     @abstractmethod
-    async def encode_images(self, images: Sequence[ImageInput], *, request_id: str = "") -> list[np.ndarray]:
-        """One (n_tiles·256, H) float32 array per image; each 256-row block fills one `<image>` placeholder."""
+    async def encode_images(self, images: Sequence[ImageInput], *, request_id: str = "") -> list[Encoding]:
+        """One `Encoding` per image (VITA-1.5: (n_tiles·256, H) rows, each 256-row block fills one `<image>`
+        placeholder; the small family: a one-line description)."""
 
     @abstractmethod
-    async def encode_audio(self, pcm: np.ndarray, *, request_id: str = "") -> np.ndarray:
-        """16 kHz mono float32 PCM -> (n_tokens, H) float32 for one `<audio>` placeholder."""
+    async def encode_audio(self, pcm: np.ndarray, *, request_id: str = "") -> Encoding:
+        """16 kHz mono float32 PCM -> its `Encoding` (VITA-1.5: (n_tokens, H) rows for one `<audio>`
+        placeholder; the small family: the transcript)."""
 
     @abstractmethod
     def generate(
@@ -87,8 +105,9 @@ class ComponentClient(ABC):
         request_id: str = "",
         session_id: str = "",
     ) -> AsyncIterator[TokenDelta]:
-        """Stream the reply to a ChatML `prompt` whose `<image>`/`<audio>` placeholders are filled, in order,
-        by the `media` arrays (256 rows per image placeholder). The raw text includes the state mark."""
+        """Stream the reply to `prompt` (rendered by the model family: `ModelFamily.llm_request`). For VITA-1.5
+        its `<image>`/`<audio>` placeholders are filled, in order, by the `media` arrays (256 rows per image
+        placeholder) and the raw text includes the state mark; a text-only family takes no media."""
 
     async def warm_prefix(self, prompt: str, *, session_id: str, request_id: str = "") -> int:
         """Prefill a text-only `prompt` (the start of the session's next prompt) into the LLM's KV cache

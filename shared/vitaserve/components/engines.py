@@ -454,6 +454,11 @@ class SpeechEngine:
         self._batcher_lock = threading.Lock()
 
     @property
+    def stream_capacity(self) -> int:
+        """Segments this engine holds at once (batched + queued): more are RESOURCE_EXHAUSTED."""
+        return self.batch_config.max_batch + self.batch_config.max_queue
+
+    @property
     def batcher(self) -> SpeechBatcher:
         with self._batcher_lock:
             if self._batcher is None:

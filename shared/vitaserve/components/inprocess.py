@@ -1,5 +1,7 @@
 """`ComponentClient` running the engines in this process (unit tests, environments without Triton).
 
+The engines are the model family's (`vitaserve.families`), built as the Triton models build them.
+
 Blocking torch work runs on a small thread pool, never on the event loop. Streaming calls bridge the
 engine's iterator to an async iterator: a worker thread pulls items and hands them to the loop; closing
 the async iterator (`aclose()`) or cancelling the task that iterates it sets a cancel flag that the
@@ -21,40 +23,38 @@ import numpy as np
 from vitaserve.components.base import (
     COMPONENTS,
     ComponentClient,
+    Encoding,
     GenerationParams,
     Health,
     ImageInput,
     SpeechChunk,
     TokenDelta,
 )
-from vitaserve.components.engines import AudioEngine, LLMEngine, SpeechEngine, VisionEngine
 from vitaserve.errors import Unavailable, VitaserveError
-from vitaserve.models.checkpoint import CheckpointDir
+from vitaserve.families import EngineOptions, get_family
 
 T = TypeVar("T")
 
-_ENGINES: dict[str, type] = {
-    "vision_encoder": VisionEngine,
-    "audio_encoder": AudioEngine,
-    "llm_decoder": LLMEngine,
-    "speech_synth": SpeechEngine,
-}
 _DONE = object()
 
 
 class InProcessComponents(ComponentClient):
     """The four components as engines in this process.
 
-    checkpoint_dir: a checkpoint in the released layout; only the weights of `components` are loaded
-        (in the constructor, which blocks: build it in a thread from async code if that matters).
+    checkpoint_dir: the family's checkpoint (VITA-1.5: the released layout; the small family needs none);
+        only the weights of `components` are loaded (in the constructor, which blocks:
+        build it in a thread from async code if that matters).
+    family: the model family whose engines are built (`vitaserve.families`).
     max_workers: threads for model work; concurrent streams beyond this wait for a free thread.
-    engines: already built engines by component name, used instead of loading them (tests share them).
+    engines: already built engines by component name (`ModelFamily.engine`), used instead of loading them
+        (tests share them).
     """
 
     def __init__(
         self,
         checkpoint_dir: str | os.PathLike[str] | None = None,
         *,
+        family: str = "",
         dtype: str = "float32",
         device: str = "cpu",
         components: Iterable[str] = COMPONENTS,
@@ -68,11 +68,12 @@ class InProcessComponents(ComponentClient):
         self._engines: dict[str, Any] = {k: v for k, v in (engines or {}).items() if k in self.components}
         missing = [name for name in self.components if name not in self._engines]
         if missing:
-            if checkpoint_dir is None:
+            model_family = get_family(family)
+            if checkpoint_dir is None and model_family.needs_checkpoint:
                 raise ValueError(f"checkpoint_dir is required to load {', '.join(missing)}")
-            checkpoint = CheckpointDir(checkpoint_dir)
+            options = EngineOptions(str(checkpoint_dir or ""), dtype, device)
             for name in missing:
-                self._engines[name] = _ENGINES[name](checkpoint, dtype=dtype, device=device)
+                self._engines[name] = model_family.engine(name, options)
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="vitaserve-engine")
         self._active: set[threading.Event] = set()
         self._closed = False
@@ -93,11 +94,11 @@ class InProcessComponents(ComponentClient):
         future = asyncio.get_running_loop().run_in_executor(self._pool, _guarded, component, fn, *args)
         return await future
 
-    async def encode_images(self, images: Sequence[ImageInput], *, request_id: str = "") -> list[np.ndarray]:
+    async def encode_images(self, images: Sequence[ImageInput], *, request_id: str = "") -> list[Encoding]:
         engine = self.engine("vision_encoder")
         return await self._run("vision_encoder", engine.encode, list(images))
 
-    async def encode_audio(self, pcm: np.ndarray, *, request_id: str = "") -> np.ndarray:
+    async def encode_audio(self, pcm: np.ndarray, *, request_id: str = "") -> Encoding:
         engine = self.engine("audio_encoder")
         return (await self._run("audio_encoder", engine.encode, [pcm]))[0]
 

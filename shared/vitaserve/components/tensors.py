@@ -9,10 +9,16 @@ Models (dims exclude the batch dimension when `max_batch_size > 0`):
     vision_encoder  batched (dynamic batching)   one image per request
         IMAGE BYTES [1]          encoded PNG/JPEG/... bytes
         MAX_TILES INT32 [1]      1..12: 1 = the whole image as one 448² tile (real-time path)
-        -> EMBEDDINGS FP32 [-1, -1]   (n_tiles·256, H): 256 rows per `<image>` placeholder, tiles in order
+        -> EMBEDDINGS FP32 [-1, -1]   vita15: (n_tiles·256, H), 256 rows per `<image>` placeholder, tiles
+                                      in order; (0, 0) for a family whose LLM reads text
+           TEXT BYTES [1]        small: the image's one-line description (UTF-8); empty for vita15
     audio_encoder   batched (dynamic, ragged: requests of different lengths share one execute)
         PCM FP32 [-1]            16 kHz mono in [-1, 1)
-        -> EMBEDDINGS FP32 [-1, -1]   (n_tokens, H) for one `<audio>` placeholder
+        -> EMBEDDINGS FP32 [-1, -1]   vita15: (n_tokens, H) for one `<audio>` placeholder; else (0, 0)
+           TEXT BYTES [1]        small: the transcript of the spoken question; empty for vita15
+
+The model family (`vitaserve.families`, parameter `family` of every config.pbtxt) decides which outputs
+carry something: one wire contract serves every family, so clients and configs do not change with it.
     llm_decoder     decoupled (responses of one or more tokens each; continuous batching across requests)
         PROMPT BYTES [1]         ChatML prompt (UTF-8) with `<image>`/`<audio>` placeholders
         MEDIA_EMBEDS FP32 [-1, -1]  optional: the rows of all placeholders, concatenated in prompt order
@@ -49,6 +55,7 @@ from typing import Any
 
 import numpy as np
 
+from vitaserve.components.base import Encoding
 from vitaserve.errors import (
     Cancelled,
     FailedPrecondition,
@@ -176,7 +183,7 @@ def _check_tensors(kind: str, specs: tuple[TensorSpec, ...], entries: list[Mappi
 VISION_ENCODER = ModelSpec(
     name="vision_encoder",
     inputs=(TensorSpec("IMAGE", "BYTES", (1,)), TensorSpec("MAX_TILES", "INT32", (1,))),
-    outputs=(TensorSpec("EMBEDDINGS", "FP32", (-1, -1)),),
+    outputs=(TensorSpec("EMBEDDINGS", "FP32", (-1, -1)), TensorSpec("TEXT", "BYTES", (1,))),
     max_batch_size=8,
     preferred_batch_sizes=(4, 8),
     max_queue_delay_us=2000,
@@ -185,7 +192,7 @@ VISION_ENCODER = ModelSpec(
 AUDIO_ENCODER = ModelSpec(
     name="audio_encoder",
     inputs=(TensorSpec("PCM", "FP32", (-1,), ragged=True),),
-    outputs=(TensorSpec("EMBEDDINGS", "FP32", (-1, -1)),),
+    outputs=(TensorSpec("EMBEDDINGS", "FP32", (-1, -1)), TensorSpec("TEXT", "BYTES", (1,))),
     max_batch_size=8,
     preferred_batch_sizes=(4, 8),
     max_queue_delay_us=2000,
@@ -258,6 +265,31 @@ def unpack_media(embeds: np.ndarray | None, rows: np.ndarray | None) -> list[np.
     if embeds.ndim != 2 or (counts < 0).any() or int(counts.sum()) != embeds.shape[0]:
         raise InvalidInput(f"MEDIA_ROWS {counts.tolist()} do not split MEDIA_EMBEDS of shape {list(embeds.shape)}")
     return np.split(embeds, np.cumsum(counts)[:-1]) if counts.size else []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoder outputs: Encoding <-> EMBEDDINGS + TEXT
+
+_NO_ROWS = np.zeros((0, 0), dtype=np.float32)
+
+
+def encoding_outputs(encoding: Encoding) -> dict[str, np.ndarray]:
+    """The EMBEDDINGS and TEXT outputs of one encoder request (no batch dimension)."""
+    rows = _NO_ROWS if encoding.embeddings is None else np.asarray(encoding.embeddings, dtype=np.float32)
+    return {"EMBEDDINGS": rows, "TEXT": np.array([encoding.text.encode("utf-8")], dtype=np.object_)}
+
+
+def encoding_from_outputs(embeddings: np.ndarray | None, text: np.ndarray | None) -> Encoding:
+    """The inverse of `encoding_outputs` (a leading batch dimension of one is dropped); no rows or an empty
+    text become None / ""."""
+    rows = None
+    if embeddings is not None:
+        rows = embeddings[0] if embeddings.ndim == 3 else embeddings
+        rows = None if rows.size == 0 else rows
+    value = b""
+    if text is not None and text.size:
+        value = text.reshape(-1)[0]
+    return Encoding(embeddings=rows, text=value.decode("utf-8") if isinstance(value, bytes) else str(value))
 
 
 # ---------------------------------------------------------------------------------------------------

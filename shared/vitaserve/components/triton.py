@@ -54,6 +54,7 @@ from vitaserve.cluster.routing import Router
 from vitaserve.components.base import (
     COMPONENTS,
     ComponentClient,
+    Encoding,
     GenerationParams,
     Health,
     ImageInput,
@@ -68,6 +69,7 @@ from vitaserve.components.tensors import (
     SPEECH_SYNTH,
     VISION_ENCODER,
     ModelSpec,
+    encoding_from_outputs,
     pack_media,
     parse_error,
 )
@@ -217,7 +219,7 @@ class TritonComponents(ComponentClient):
 
     # ---- unary calls -------------------------------------------------------------------------------
 
-    async def encode_images(self, images: Sequence[ImageInput], *, request_id: str = "") -> list[np.ndarray]:
+    async def encode_images(self, images: Sequence[ImageInput], *, request_id: str = "") -> list[Encoding]:
         images = list(images)
         for i, image in enumerate(images):
             if not isinstance(image, ImageInput) or not isinstance(image.data, (bytes, bytearray)):
@@ -238,16 +240,16 @@ class TritonComponents(ComponentClient):
             return await _all([self._infer(VISION_ENCODER, values, rid, endpoint) for values, rid in requests])
 
         results = await self._with_failover(VISION_ENCODER.name, on)
-        return [result.as_numpy("EMBEDDINGS")[0] for result in results]
+        return [_encoding(result) for result in results]
 
-    async def encode_audio(self, pcm: np.ndarray, *, request_id: str = "") -> np.ndarray:
+    async def encode_audio(self, pcm: np.ndarray, *, request_id: str = "") -> Encoding:
         wave = np.asarray(pcm)
         if wave.ndim != 1 or not np.issubdtype(wave.dtype, np.floating) or wave.size == 0:
             raise InvalidInput(f"PCM must be a non-empty 1-D float array, got {wave.dtype} {wave.shape}")
         values = {"PCM": wave.astype(np.float32, copy=False)[None, :]}
         result = await self._with_failover(
             AUDIO_ENCODER.name, lambda endpoint: self._infer(AUDIO_ENCODER, values, request_id, endpoint))
-        return result.as_numpy("EMBEDDINGS")[0]
+        return _encoding(result)
 
     async def _with_failover(self, component: str, call: Callable[[Endpoint], Awaitable[T]],
                              affinity: str = "") -> T:
@@ -450,6 +452,11 @@ def _inputs(spec: ModelSpec, values: dict[str, np.ndarray]) -> list[grpcclient.I
         tensor.set_data_from_numpy(value)
         tensors.append(tensor)
     return tensors
+
+
+def _encoding(result: Any) -> Encoding:
+    """An encoder's answer (EMBEDDINGS and TEXT, batch of one) as an `Encoding`."""
+    return encoding_from_outputs(result.as_numpy("EMBEDDINGS"), result.as_numpy("TEXT"))
 
 
 def _outputs(spec: ModelSpec) -> list[grpcclient.InferRequestedOutput]:

@@ -227,7 +227,8 @@ class TextSegmenter:
     - the first segment has no minimum length: the reference prefixes the reply with a 23-character
       first-sentence marker that counts towards the 5, so its first segment ends at the first cut
       character (`first_min_chars` = 1);
-    - in the first segment '，' and ',' are replaced by '。' (one character for one, so spans hold);
+    - in the first segment '，' and ',' are replaced by '。' (one character for one, so spans hold), unless
+      `first_commas_to_stops` is False (a TTS that reads English prosody from the commas);
     - a buffer holding only whitespace is never cut (the reference skips blank segments), so blank
       text is carried into the next segment's span;
     - `flush()` returns the remaining text at the end of the reply. The reference drops a tail without
@@ -240,11 +241,13 @@ class TextSegmenter:
         cut_chars: Iterable[str] | None = None,
         min_chars: int | None = None,
         first_min_chars: int = 1,
+        first_commas_to_stops: bool = True,
     ) -> None:
         rule = prompt_format()["tts_segmentation"]
         self.cut_chars = frozenset(rule["cut_after_chars"] if cut_chars is None else cut_chars)
         self.min_chars = int(rule["min_chars"] if min_chars is None else min_chars)
         self.first_min_chars = int(first_min_chars)
+        self.first_commas_to_stops = first_commas_to_stops
         if self.min_chars < 1 or self.first_min_chars < 1:
             raise InvalidInput("min_chars and first_min_chars must be >= 1")
         self._buffer: list[str] = []
@@ -274,7 +277,7 @@ class TextSegmenter:
     def _cut(self) -> Segment:
         raw = "".join(self._buffer)
         first = self._emitted == 0
-        text = raw.replace("，", "。").replace(",", "。") if first else raw
+        text = raw.replace("，", "。").replace(",", "。") if first and self.first_commas_to_stops else raw
         seg = Segment(text=text, start=self._start, end=self._start + len(raw), first=first)
         self._start = seg.end
         self._buffer.clear()

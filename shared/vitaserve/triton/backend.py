@@ -4,7 +4,7 @@ These helpers run inside Triton's Python stub: the functions that build response
 `triton_python_backend_utils`, which exists only there. They keep every `model.py` a thin adapter:
 
 - `load_settings(args, spec)`: check the loaded config against the model's `ModelSpec` (a mismatch fails
-  the load) and read the `parameters` (checkpoint_dir, dtype, device, max_streams);
+  the load) and read the `parameters` (family, checkpoint_dir, dtype, device, max_streams);
 - `RequestInputs`: typed access to a request's tensors, raising `InvalidInput` for bad values;
 - `execute_batched(...)`: one engine call for all requests of an `execute()`, one answer per request;
 - `StreamWorkers`: serve decoupled requests on worker threads, stop on cancellation, always send the
@@ -16,11 +16,14 @@ These helpers run inside Triton's Python stub: the functions that build response
 - `error_response(exc)`: a `TritonError` whose code and message carry the `VitaserveError`.
 
 Parameters (config.pbtxt `parameters`, all strings):
-    checkpoint_dir  checkpoint directory; empty = the VITASERVE_CHECKPOINT_DIR environment variable
+    family          the model family (`vitaserve.families`: vita15 | small); empty = VITASERVE_MODEL_FAMILY,
+                    else vita15
+    checkpoint_dir  checkpoint directory; empty = the VITASERVE_CHECKPOINT_DIR environment variable (the small
+                    family needs none)
     dtype           float32 (default) | bfloat16 | float16
     device          cpu (default) | cuda (the instance's GPU under KIND_GPU) | cuda:N
     max_streams     decoupled models: streams one instance serves at once (default 1)
-    (any other)     model-specific, in `ModelSettings.params` (llm_decoder: `EngineConfig.from_parameters`)
+    (any other)     model-specific, in `EngineOptions.params` (llm_decoder: `EngineConfig.from_parameters`)
     cpu_threads     (optional) torch threads per instance on the CPU; empty = VITASERVE_CPU_THREADS, 0 = torch default
     max_tokens_per_response  (llm_decoder) bound of a coalesced response (`TokenStream`); 0 = no bound
 """
@@ -36,14 +39,16 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from vitaserve.components.tensors import ModelSpec, format_error
+from vitaserve.components.base import Encoding
+from vitaserve.components.tensors import ModelSpec, encoding_outputs, format_error
 from vitaserve.errors import InvalidInput, Unavailable, VitaserveError
+from vitaserve.families import EngineOptions, ModelFamily, get_family
 
+ENV_MODEL_FAMILY = "VITASERVE_MODEL_FAMILY"
 ENV_CHECKPOINT_DIR = "VITASERVE_CHECKPOINT_DIR"
 ENV_CPU_THREADS = "VITASERVE_CPU_THREADS"
 
@@ -68,15 +73,6 @@ def _pb() -> Any:
 # Settings
 
 
-@dataclass(frozen=True)
-class ModelSettings:
-    checkpoint_dir: str
-    dtype: str
-    device: str
-    max_streams: int
-    params: dict[str, str] = field(default_factory=dict)  # every parameter, as strings
-
-
 def _limit_cpu_threads(model: str, value: str, device: str) -> None:
     """Torch intra-op threads of this model instance on the CPU. Several stubs on one host each default to
     one thread per core; their spinning OpenMP pools then fight (measured here: two encoders run together
@@ -93,16 +89,21 @@ def _limit_cpu_threads(model: str, value: str, device: str) -> None:
         torch.set_num_threads(threads)
 
 
-def load_settings(args: dict[str, str], spec: ModelSpec) -> ModelSettings:
+def load_settings(args: dict[str, str], spec: ModelSpec) -> tuple[ModelFamily, EngineOptions]:
     """Validate the model config Triton loaded against `spec` and read its parameters (see the module
-    docstring). Raises RuntimeError with every problem, so the load fails with a clear message."""
+    docstring): the model family and the options its engine is built with. Raises RuntimeError with every
+    problem, so the load fails with a clear message."""
     config = json.loads(args["model_config"])
     spec.check_config(config)
     params = {key: str(value.get("string_value", "")) for key, value in config.get("parameters", {}).items()}
+    try:
+        family = get_family(params.get("family") or os.environ.get(ENV_MODEL_FAMILY, ""))
+    except ValueError as exc:
+        raise RuntimeError(f"model {spec.name!r}: {exc}") from None
     checkpoint_dir = params.get("checkpoint_dir") or os.environ.get(ENV_CHECKPOINT_DIR, "")
-    if not checkpoint_dir:
+    if not checkpoint_dir and family.needs_checkpoint:
         raise RuntimeError(f"model {spec.name!r}: parameter checkpoint_dir is empty and "
-                           f"{ENV_CHECKPOINT_DIR} is not set")
+                           f"{ENV_CHECKPOINT_DIR} is not set (family {family.name} needs its checkpoint)")
     device = params.get("device") or "cpu"
     if device == "cuda" and args.get("model_instance_kind") == "GPU":
         device = f"cuda:{args.get('model_instance_device_id', '0')}"
@@ -114,7 +115,15 @@ def load_settings(args: dict[str, str], spec: ModelSpec) -> ModelSettings:
     if max_streams < 1:
         raise RuntimeError(f"model {spec.name!r}: max_streams must be >= 1, got {max_streams}")
     _limit_cpu_threads(spec.name, params.get("cpu_threads") or os.environ.get(ENV_CPU_THREADS, ""), device)
-    return ModelSettings(checkpoint_dir, params.get("dtype") or "float32", device, max_streams, params)
+    return family, EngineOptions(checkpoint_dir, params.get("dtype") or "float32", device, max_streams, params)
+
+
+def build_engine(component: str, family: ModelFamily, options: EngineOptions, **kwargs: Any) -> Any:
+    """`family.engine(...)`, with a bad engine parameter failing the load with the model's name."""
+    try:
+        return family.engine(component, options, **kwargs)
+    except ValueError as exc:
+        raise RuntimeError(f"model {component!r} (family {family.name}): {exc}") from None
 
 
 def int_parameter(params: dict[str, str], name: str, default: int, minimum: int = 0) -> int:
@@ -202,9 +211,10 @@ def tensor(name: str, value: np.ndarray) -> Any:
 
 
 def execute_batched(requests: Sequence[Any], model: str, parse: Callable[[RequestInputs], Any],
-                    forward: Callable[[list[Any]], list[np.ndarray]], output: str) -> list[Any]:
-    """Answer each request of one `execute()`: `parse` each (a bad one gets its error), run `forward` once
-    on all parsed items, and return `output` = result[None] (batch of one) per request."""
+                    forward: Callable[[list[Any]], list[Encoding]]) -> list[Any]:
+    """Answer each request of one encoder's `execute()`: `parse` each (a bad one gets its error), run
+    `forward` once on all parsed items, and return each item's `Encoding` as EMBEDDINGS and TEXT (batch of
+    one)."""
     pb = _pb()
     responses: list[Any] = [None] * len(requests)
     items, owners = [], []
@@ -224,7 +234,8 @@ def execute_batched(requests: Sequence[Any], model: str, parse: Callable[[Reques
                 responses[i] = failed
         if results is not None:
             for i, result in zip(owners, results):
-                responses[i] = pb.InferenceResponse(output_tensors=[pb.Tensor(output, result[None])])
+                responses[i] = pb.InferenceResponse(output_tensors=[
+                    pb.Tensor(name, value[None]) for name, value in encoding_outputs(result).items()])
     return responses
 
 

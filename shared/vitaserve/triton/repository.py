@@ -2,11 +2,11 @@
 
 Every `config.pbtxt` is generated from `vitaserve.components.tensors` (names, dtypes, dims, batching,
 decoupled) plus the deployment's choices: instance kind (KIND_CPU here, KIND_GPU on GPU pods), instances
-per model, checkpoint directory and dtype. The `1/model.py` adapters are copied from the checked-in
+per model, model family, checkpoint directory and dtype. The `1/model.py` adapters are copied from the checked-in
 repository (`services/triton/model_repository`), which is itself `render_repository` with the defaults
 (a test keeps the two identical).
 
-    python -m vitaserve.triton.repository --out DIR [--kind gpu] [--instances 2] \\
+    python -m vitaserve.triton.repository --out DIR [--kind gpu] [--instances 2] [--family small] \\
         [--checkpoint-dir /models/VITA-1.5] [--dtype bfloat16] [--models llm_decoder,speech_synth] \\
         [--llm-engine kv_cache_bytes=8589934592 --llm-engine max_batch=64]
 
@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from vitaserve.components.tensors import MODELS, ModelSpec, TensorSpec
+from vitaserve.families import FAMILIES
 
 CHECKED_IN = Path(__file__).resolve().parents[3] / "services" / "triton" / "model_repository"
 KINDS = {"cpu": ("KIND_CPU", "cpu"), "gpu": ("KIND_GPU", "cuda")}
@@ -53,11 +54,15 @@ SPEECH_ENGINE_DEFAULTS = {
 LLM_STREAM_DEFAULTS = {"max_tokens_per_response": "0"}
 
 
-def render_config(spec: ModelSpec, *, checkpoint_dir: str = "", dtype: str = "float32", kind: str = "cpu",
+def render_config(spec: ModelSpec, *, family: str = "", checkpoint_dir: str = "", dtype: str = "float32",
+                  kind: str = "cpu",
                   instances: int = 1, max_streams: int = DEFAULT_MAX_STREAMS,
                   llm_engine: dict[str, str] | None = None, speech_engine: dict[str, str] | None = None) -> str:
     """The config.pbtxt text of one model. `llm_engine` overrides LLM_ENGINE_DEFAULTS (llm_decoder),
-    `speech_engine` SPEECH_ENGINE_DEFAULTS (speech_synth)."""
+    `speech_engine` SPEECH_ENGINE_DEFAULTS (speech_synth). `family`: the model family (empty = the
+    VITASERVE_MODEL_FAMILY environment variable of the server, else vita15)."""
+    if family and family not in FAMILIES:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(FAMILIES)}")
     kind_name, device = KINDS[kind]
     lines = [
         f"# Rendered by vitaserve.triton.repository from vitaserve.components.tensors ({spec.name}).",
@@ -82,7 +87,7 @@ def render_config(spec: ModelSpec, *, checkpoint_dir: str = "", dtype: str = "fl
             "}",
         ]
     lines.append(f"instance_group [ {{ kind: {kind_name}, count: {instances} }} ]")
-    params = {"checkpoint_dir": checkpoint_dir, "dtype": dtype, "device": device}
+    params = {"family": family, "checkpoint_dir": checkpoint_dir, "dtype": dtype, "device": device}
     if spec.name == "llm_decoder":  # one engine thread batches every stream: no worker threads to size
         known = {**LLM_ENGINE_DEFAULTS, **LLM_STREAM_DEFAULTS}
         unknown = sorted(set(llm_engine or {}) - set(known))
@@ -117,6 +122,7 @@ def _escape(value: str) -> str:
 def render_repository(
     out_dir: str | os.PathLike[str],
     *,
+    family: str = "",
     checkpoint_dir: str = "",
     dtype: str = "float32",
     kind: str = "cpu",
@@ -130,6 +136,8 @@ def render_repository(
     """Write `<out_dir>/<model>/config.pbtxt` and `<out_dir>/<model>/1/model.py` for `models` (default:
     all four) and return `out_dir`.
 
+    family: the model family baked into every config (`vitaserve.families`); empty = read
+        VITASERVE_MODEL_FAMILY when the model loads, else vita15.
     checkpoint_dir: baked into every config; empty = read VITASERVE_CHECKPOINT_DIR when the model loads.
     kind: 'cpu' (KIND_CPU, device cpu) or 'gpu' (KIND_GPU, each instance on its GPU).
     instances: instances per model (per GPU under KIND_GPU).
@@ -156,7 +164,7 @@ def render_repository(
         if not adapter.is_file():
             raise FileNotFoundError(f"{adapter}: the model adapter to copy is missing")
         (out / name / "1").mkdir(parents=True, exist_ok=True)
-        config = render_config(MODELS[name], checkpoint_dir=checkpoint_dir, dtype=dtype, kind=kind,
+        config = render_config(MODELS[name], family=family, checkpoint_dir=checkpoint_dir, dtype=dtype, kind=kind,
                                instances=instances, max_streams=max_streams, llm_engine=llm_engine,
                                speech_engine=speech_engine)
         (out / name / "config.pbtxt").write_text(config)
@@ -170,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitaserve.triton.repository",
                                      description="Render the vitaserve Triton model repository for a deployment.")
     parser.add_argument("--out", required=True, help="output directory (created if missing)")
+    parser.add_argument("--family", default="", choices=["", *FAMILIES],
+                        help="model family, baked in; empty = $VITASERVE_MODEL_FAMILY, else vita15")
     parser.add_argument("--checkpoint-dir", default="", help="baked in; empty = $VITASERVE_CHECKPOINT_DIR")
     parser.add_argument("--dtype", default="float32", choices=DTYPES)
     parser.add_argument("--kind", default="cpu", choices=sorted(KINDS))
@@ -194,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         speech_pairs = [item.split("=", 1) for item in args.speech_engine]
         if any(len(p) != 2 for p in speech_pairs):
             raise ValueError(f"--speech-engine takes KEY=VALUE, got {args.speech_engine}")
-        out = render_repository(args.out, checkpoint_dir=args.checkpoint_dir, dtype=args.dtype, kind=args.kind,
+        out = render_repository(args.out, family=args.family, checkpoint_dir=args.checkpoint_dir, dtype=args.dtype, kind=args.kind,
                                 instances=args.instances, models=models, max_streams=args.max_streams,
                                 llm_engine=dict(pairs), speech_engine=dict(speech_pairs), source=args.source)
     except (ValueError, FileNotFoundError) as exc:

@@ -1,9 +1,10 @@
-"""Triton adapter of the audio encoder (batched, ragged): PCM (16 kHz) -> EMBEDDINGS (n_tokens, H).
+"""Triton adapter of the audio encoder (batched, ragged): PCM (16 kHz) -> EMBEDDINGS and TEXT.
 
-Dynamic batching hands `execute()` several one-waveform requests of different lengths (the PCM input
-allows ragged batches); they are padded into one encoder forward (`AudioEngine`). A request with bad
-audio gets an INVALID_ARG error without failing the others. Tensors:
-`vitaserve.components.tensors.AUDIO_ENCODER`.
+The model family (parameter `family`, `vitaserve.families`) builds the engine: VITA-1.5 answers with LLM
+rows (n_tokens, H) for the `<audio>` placeholder, the small family with the transcript. Dynamic batching
+hands `execute()` several one-waveform requests of different lengths (the PCM input allows ragged
+batches), which the engine runs in one batched call. A request with bad audio gets an INVALID_ARG error
+without failing the others. Tensors: `vitaserve.components.tensors.AUDIO_ENCODER`.
 """
 
 from vitaserve.components.tensors import AUDIO_ENCODER as SPEC
@@ -14,17 +15,11 @@ from vitaserve.triton.launcher import assert_stub_uses_project_venv
 class TritonPythonModel:
     def initialize(self, args):
         assert_stub_uses_project_venv()
-        settings = backend.load_settings(args, SPEC)
-        # torch is imported here, not at module level: Triton's config auto-complete pass imports this
-        # file in a stub of its own, which then stays cheap.
-        from vitaserve.components.engines import AudioEngine
-        from vitaserve.models.checkpoint import CheckpointDir
-
-        checkpoint = CheckpointDir(settings.checkpoint_dir)
-        self.engine = AudioEngine(checkpoint, dtype=settings.dtype, device=settings.device)
+        family, options = backend.load_settings(args, SPEC)
+        self.engine = backend.build_engine(SPEC.name, family, options)  # imports torch here, not at load
 
     def execute(self, requests):
-        return backend.execute_batched(requests, SPEC.name, self._parse, self.engine.forward, "EMBEDDINGS")
+        return backend.execute_batched(requests, SPEC.name, self._parse, self.engine.forward)
 
     def _parse(self, inputs):
         return self.engine.preprocess(inputs.array("PCM"))

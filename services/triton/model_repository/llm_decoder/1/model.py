@@ -1,5 +1,8 @@
 """Triton adapter of the LLM decoder (decoupled): a ChatML prompt + media rows -> a stream of token responses.
 
+The model family (parameter `family`, `vitaserve.families`) builds the `LLMEngine`: VITA-1.5's Qwen2 with
+media splicing, or the small family's SmolLM2 on text prompts; both run the same engine below.
+
 `execute()` validates each request and hands it to the instance's continuous-batching engine
 (`vitaserve.batching.BatchEngine`, one engine thread: requests of all sessions share each decode step) and
 returns at once. Responses go out on the dispatcher's sender threads (`backend.TokenStream`): each carries
@@ -16,7 +19,6 @@ Tensors: `vitaserve.components.tensors.LLM_DECODER`.
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
 from vitaserve.components.base import GenerationParams
 from vitaserve.components.tensors import LLM_DECODER as SPEC
 from vitaserve.components.tensors import NO_TOKEN, unpack_media
@@ -65,27 +67,21 @@ class _TokenResponses:
 class TritonPythonModel:
     def initialize(self, args):
         assert_stub_uses_project_venv()
-        settings = backend.load_settings(args, SPEC)
-        # torch is imported here, not at module level: Triton's config auto-complete pass imports this
-        # file in a stub of its own, which then stays cheap.
-        from vitaserve.batching import EngineConfig
-        from vitaserve.components.engines import LLMEngine
-        from vitaserve.models.checkpoint import CheckpointDir
+        family, options = backend.load_settings(args, SPEC)
+        # torch is imported by the engine, not at module level: Triton's config auto-complete pass imports
+        # this file in a stub of its own, which then stays cheap.
         from vitaserve.models.llm import StreamDetokenizer
 
         try:
-            config = EngineConfig.from_parameters(settings.params)
-            self.max_tokens_per_response = backend.int_parameter(
-                settings.params, "max_tokens_per_response", 0)
+            self.max_tokens_per_response = backend.int_parameter(options.params, "max_tokens_per_response", 0)
         except ValueError as exc:
             raise RuntimeError(f"model {SPEC.name!r}: {exc}") from None
         self.responses = backend.ResponseDispatcher(SPEC.name)
         # after each engine step, that step's sends go to the sender threads in one hand-over
-        self.engine = LLMEngine(CheckpointDir(settings.checkpoint_dir), dtype=settings.dtype,
-                                device=settings.device, engine_config=config, after_step=self.responses.flush)
+        self.engine = backend.build_engine(SPEC.name, family, options, after_step=self.responses.flush)
         batcher = self.engine.batcher  # allocates the KV pool now: a budget that does not fit fails the load
-        pb_utils.Logger.log_info(f"{SPEC.name}: KV pool {batcher.pool.capacity_tokens} tokens "
-                                 f"({batcher.pool.bytes / 2**20:.1f} MiB), {config}, "
+        pb_utils.Logger.log_info(f"{SPEC.name}: family {family.name}, KV pool {batcher.pool.capacity_tokens} "
+                                 f"tokens ({batcher.pool.bytes / 2**20:.1f} MiB), {self.engine.engine_config}, "
                                  f"max_tokens_per_response={self.max_tokens_per_response or 'unbounded'}")
         self.detokenizer = lambda: StreamDetokenizer(self.engine.tokenizer)
 

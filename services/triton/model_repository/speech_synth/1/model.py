@@ -1,24 +1,21 @@
 """Triton adapter of speech synthesis (decoupled): one text segment -> one response per 24 kHz PCM chunk.
 
-`execute()` validates each request and queues its segment in the instance's speech batcher
-(`vitaserve.batching.SpeechBatcher`, one engine thread: the segments of all sessions share each AR
-decode step), then returns; a bad segment is answered at once (INVALID_ARGUMENT), and so is one that
-finds the batcher's queue full (RESOURCE_EXHAUSTED). Each request's codec decoding and responses run on a
-worker thread (`backend.StreamWorkers`), which also polls the request's cancellation (at least every
-20 ms) and takes a cancelled segment out of the batch at the batcher's next step; the final flag is
-always sent. Text that is empty once
-the state marks are stripped gives no chunks.
+The model family (parameter `family`, `vitaserve.families`) builds the engine. VITA-1.5's `SpeechEngine`
+queues each segment in the instance's speech batcher (`vitaserve.batching.SpeechBatcher`, one engine
+thread: the segments of all sessions share each AR decode step); the small family's hibari synthesises a
+sentence at once. `execute()` validates each request and queues it, then returns; a bad segment is answered
+at once (INVALID_ARGUMENT), and so is one that finds the batcher's queue full (RESOURCE_EXHAUSTED). Each
+request's chunks (VITA: codec decoding) and responses run on a worker thread (`backend.StreamWorkers`),
+which also polls the request's cancellation (at least every 20 ms) and stops the segment; the final flag is
+always sent. Text that is empty once the state marks are stripped gives no chunks.
 
-Settings (config.pbtxt `parameters`): `max_streams` segments decoded together (the batch), `max_queue`
-segments waiting beyond it, `kv_positions` the KV budget, `prompts_per_step`, and `codec_workers` codec
-windows decoded at a time. Tensors: `vitaserve.components.tensors.SPEECH_SYNTH`.
+Settings (config.pbtxt `parameters`): `max_streams` segments decoded together (VITA: the batch), and for
+VITA `max_queue` segments waiting beyond it, `kv_positions` the KV budget, `prompts_per_step`, and
+`codec_workers` codec windows decoded at a time. Tensors: `vitaserve.components.tensors.SPEECH_SYNTH`.
 """
-
-import dataclasses
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
-
 from vitaserve.components.tensors import SPEECH_SYNTH as SPEC
 from vitaserve.triton import backend
 from vitaserve.triton.launcher import assert_stub_uses_project_venv
@@ -42,34 +39,18 @@ class _Responses:
         self.stream.close()
 
     def log_note(self):
-        handle = self.stream.handle
+        handle = getattr(self.stream, "handle", None)  # VITA's batcher handle; None for other engines
         return "" if handle is None else f"codes={handle.codes} batch_peak={handle.peak_batch}"
 
 
 class TritonPythonModel:
     def initialize(self, args):
         assert_stub_uses_project_venv()
-        settings = backend.load_settings(args, SPEC)
-        # torch is imported here, not at module level: Triton's config auto-complete pass imports this
-        # file in a stub of its own, which then stays cheap.
-        from vitaserve.batching import SpeechBatchConfig
-        from vitaserve.components.engines import SpeechEngine
-        from vitaserve.models.checkpoint import CheckpointDir
-
-        try:
-            config = dataclasses.replace(SpeechBatchConfig.from_parameters(settings.params),
-                                         max_batch=settings.max_streams)
-            codec_workers = backend.int_parameter(settings.params, "codec_workers", 1, minimum=1)
-        except ValueError as exc:
-            raise RuntimeError(f"model {SPEC.name!r}: {exc}") from None
-        checkpoint = CheckpointDir(settings.checkpoint_dir)
-        self.engine = SpeechEngine(checkpoint, dtype=settings.dtype, device=settings.device,
-                                   batch_config=config, codec_workers=codec_workers)
-        batcher = self.engine.batcher
-        pb_utils.Logger.log_info(f"{SPEC.name}: {config}, codec_workers={codec_workers}, "
-                                 f"{batcher.bytes_per_position} KV bytes per position")
-        # one worker per segment the batcher can hold (running + queued), so none waits for a thread
-        self.workers = backend.StreamWorkers(SPEC.name, config.max_batch + config.max_queue)
+        family, options = backend.load_settings(args, SPEC)
+        self.engine = backend.build_engine(SPEC.name, family, options)  # imports torch here, not at load
+        pb_utils.Logger.log_info(f"{SPEC.name}: family {family.name}, {self.engine.stream_capacity} streams")
+        # one worker per segment the engine can hold (running + queued), so none waits for a thread
+        self.workers = backend.StreamWorkers(SPEC.name, self.engine.stream_capacity)
 
     def execute(self, requests):
         for request in requests:
