@@ -107,6 +107,6 @@ class SmallFamily(ModelFamily):
         if component == "speech_synth":
             from vitaserve.families.small.tts import SpeechSynthesizer
 
-            return SpeechSynthesizer(threads=threads)
+            return SpeechSynthesizer(threads=threads, stream_capacity=max(options.max_streams, 1))
         raise ValueError(f"unknown component {component!r}")
 
