@@ -28,13 +28,14 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from vitaserve.lifecycle import run_main
 from vitaserve.models.tiny import write_tiny_checkpoint
 from vitaserve.stack import MODEL_REPOSITORY, REPO_ROOT
 from vitaserve.triton.backend import ENV_CHECKPOINT_DIR
 from vitaserve.triton.launcher import TritonServer
 from vitaserve_batch.harness import CeleryBeat, CeleryWorker, RedisServer, batch_env, wait_for, write_manifest
-from vitaserve_batch.spec import JobSpec, create_job
 from vitaserve_batch.results import read_results
+from vitaserve_batch.spec import JobSpec, create_job
 from vitaserve_batch.store import JobStore
 
 EXAMPLES = REPO_ROOT / "examples" / "media"
@@ -140,4 +141,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # SIGINT/SIGTERM stop everything it started, then exit

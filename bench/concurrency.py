@@ -38,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from vitaserve.components.base import GenerationParams
 from vitaserve.components.triton import TritonComponents
+from vitaserve.lifecycle import run_main
 from vitaserve.models.checkpoint import CheckpointDir
 from vitaserve.models.prompt import build_prompt, tokenize_with_placeholders
 from vitaserve.models.tiny import write_tiny_checkpoint
@@ -216,4 +216,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # SIGINT/SIGTERM stop everything it started, then exit

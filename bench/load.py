@@ -31,6 +31,7 @@ from pathlib import Path
 
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.client import Conversation, read_wav_16k
+from vitaserve.lifecycle import run_main
 from vitaserve.models.tiny import write_tiny_checkpoint
 from vitaserve.stack import REPO_ROOT, LocalStack
 
@@ -142,4 +143,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # SIGINT/SIGTERM stop everything it started, then exit

@@ -44,6 +44,7 @@ from vitaserve.components.engines import AudioEngine, LLMEngine, SpeechEngine, V
 from vitaserve.components.inprocess import InProcessComponents
 from vitaserve.families import get_family
 from vitaserve.families.base import EncoderEngine, rows_encoding
+from vitaserve.lifecycle import run_main
 from vitaserve.models.checkpoint import CheckpointDir
 from vitaserve.models.configs import TOKENS_PER_TILE
 from vitaserve.models.prompt import TextSegmenter, build_prompt, system_prompt
@@ -224,4 +225,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # SIGINT/SIGTERM stop everything it started, then exit

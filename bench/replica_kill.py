@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.client import Conversation
+from vitaserve.lifecycle import run_main
 from vitaserve.redis_server import RedisServer
 from vitaserve.replicas import ReplicaSet
 from vitaserve.stack import LocalStack
@@ -203,4 +204,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))  # SIGINT/SIGTERM stop everything it started, then exit

@@ -81,8 +81,10 @@ class OrchestratorProcess:
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_serving(self.address, timeout_s=self._timeout, proc=self.proc, require_serving=self._wait_ready)
-        except Exception as exc:
+        except BaseException as exc:  # a signal (vitaserve.lifecycle) too: nothing is left running
             self.stop()
+            if not isinstance(exc, Exception):
+                raise
             tail = self._log_path.read_text(errors="replace")[-4000:]
             raise RuntimeError(f"orchestrator did not start: {exc}\n--- log tail ---\n{tail}") from exc
         return self
@@ -145,7 +147,7 @@ class LocalStack:
                 env = {"VITASERVE_BACKEND": "triton", "VITASERVE_TRITON_URL": self.triton_url,
                        "VITASERVE_MODEL_FAMILY": self.family, **self._orchestrator_env}
                 self.orchestrator = OrchestratorProcess(env, log_path=self.work_dir / "orchestrator.log").start()
-            except Exception:
+            except BaseException:  # a signal (vitaserve.lifecycle) too: nothing is left running
                 self.triton.stop()
                 raise
         return self
