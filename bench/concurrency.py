@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from vitaserve.components.base import GenerationParams
 from vitaserve.components.triton import TritonComponents
 from vitaserve.lifecycle import run_main

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.client import Conversation, read_wav_16k
 from vitaserve.components.base import GenerationParams, ImageInput

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.client import Conversation
 from vitaserve.lifecycle import run_main

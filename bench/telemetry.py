@@ -23,7 +23,14 @@ from collections.abc import AsyncIterator, Sequence
 import numpy as np
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from vitaserve.components.base import ComponentClient, Encoding, GenerationParams, Health, SpeechChunk, TokenDelta
+from vitaserve.components.base import (
+    ComponentClient,
+    Encoding,
+    GenerationParams,
+    Health,
+    SpeechChunk,
+    TokenDelta,
+)
 from vitaserve_orchestrator.instrumented import InstrumentedComponents
 from vitaserve_orchestrator.telemetry import Telemetry, setup_tracing
 

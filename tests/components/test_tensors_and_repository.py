@@ -27,8 +27,8 @@ from vitaserve.errors import InvalidInput, ResourceExhausted, Unavailable, Vitas
 from vitaserve.triton.repository import (
     CHECKED_IN,
     LLM_ENGINE_DEFAULTS,
-    SPEECH_ENGINE_DEFAULTS,
     LLM_STREAM_DEFAULTS,
+    SPEECH_ENGINE_DEFAULTS,
     render_config,
     render_repository,
 )

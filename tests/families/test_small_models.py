@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import soundfile
 import soxr
+
 from vitaserve.components.base import ImageInput
 from vitaserve.errors import InvalidInput
 

@@ -14,6 +14,7 @@ import pytest
 from conftest import make_config, run
 from fakes import FakeComponents, VirtualClock
 from PIL import Image
+
 from vitaserve.families.vita15 import AUDIO_MARKER, IMAGE_MARKER
 from vitaserve_orchestrator import events as ev
 from vitaserve_orchestrator.conversation import Conversation

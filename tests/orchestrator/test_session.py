@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import make_config, run
 from pydantic import ValidationError
+
 from vitaserve.components.base import Encoding, ImageInput
 from vitaserve.errors import InvalidInput, NotFound, ResourceExhausted
 from vitaserve.families import TurnContent, get_family

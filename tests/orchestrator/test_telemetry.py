@@ -17,6 +17,7 @@ from fakes import FakeComponents, VirtualClock
 from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
+
 from vitaserve.cluster.discovery import StaticDiscovery
 from vitaserve.cluster.routing import Router
 from vitaserve.components.base import GenerationParams, ImageInput

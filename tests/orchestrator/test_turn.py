@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from conftest import make_config, run
 from fakes import FakeComponents, VirtualClock
+
 from vitaserve.components.base import ImageInput
 from vitaserve.errors import Unavailable
 from vitaserve.families import get_family

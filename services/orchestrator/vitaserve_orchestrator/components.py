@@ -4,7 +4,6 @@ this process)."""
 from __future__ import annotations
 
 from vitaserve.components.base import ComponentClient
-
 from vitaserve_orchestrator.settings import OrchestratorSettings
 
 

@@ -39,12 +39,12 @@ from collections.abc import Callable
 import numpy as np
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+
 from vitaserve.components.base import ComponentClient, ImageInput
 from vitaserve.errors import FailedPrecondition, InvalidInput, VitaserveError
 from vitaserve.families import get_family
 from vitaserve.models.image import decode_image
 from vitaserve.models.prompt import check_text
-
 from vitaserve_orchestrator.auth import Tenant
 from vitaserve_orchestrator.bargein import BargeInPolicy
 from vitaserve_orchestrator.events import (

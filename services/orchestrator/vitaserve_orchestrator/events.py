@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vitaserve.models.prompt import Turn
-
 from vitaserve_orchestrator.session import SessionSettings, SettingsUpdate
 
 # ------------------------------------------------------------------------------------------------

@@ -28,12 +28,12 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 from opentelemetry import propagate
 from opentelemetry.trace import Status, StatusCode
+
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.api.v1 import orchestrator_pb2_grpc as pb_grpc
 from vitaserve.components.base import ComponentClient
 from vitaserve.errors import InvalidInput, VitaserveError
 from vitaserve.models.prompt import STATE_MARKS, Turn
-
 from vitaserve_orchestrator import events as ev
 from vitaserve_orchestrator.auth import Authenticator, Tenant
 from vitaserve_orchestrator.bargein import BargeInConfig, BargeInUpdate

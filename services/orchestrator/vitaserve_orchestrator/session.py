@@ -53,7 +53,6 @@ from vitaserve.components.base import ImageInput
 from vitaserve.errors import Aborted, InvalidInput, NotFound, ResourceExhausted, VitaserveError
 from vitaserve.families.base import clean_history_text
 from vitaserve.models.prompt import Turn, check_text
-
 from vitaserve_orchestrator.bargein import BargeInConfig, BargeInUpdate
 from vitaserve_orchestrator.settings import OrchestratorSettings
 

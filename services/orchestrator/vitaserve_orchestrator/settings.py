@@ -27,6 +27,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from vitaserve.cluster.discovery import parse_endpoints
 from vitaserve.components.base import COMPONENTS
 from vitaserve.families import DEFAULT_FAMILY, FAMILIES, get_family

@@ -46,6 +46,7 @@ import numpy as np
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Status, StatusCode
+
 from vitaserve.components.base import ComponentClient, Encoding, GenerationParams, ImageInput
 from vitaserve.errors import Unavailable, VitaserveError
 from vitaserve.families import ModelFamily, TurnContent
@@ -59,7 +60,6 @@ from vitaserve.models.prompt import (
     TextSegmenter,
     Turn,
 )
-
 from vitaserve_orchestrator.events import (
     AudioOut,
     ErrorEvent,

@@ -19,6 +19,7 @@ Tensors: `vitaserve.components.tensors.LLM_DECODER`.
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
 from vitaserve.components.base import GenerationParams
 from vitaserve.components.tensors import LLM_DECODER as SPEC
 from vitaserve.components.tensors import NO_TOKEN, unpack_media

@@ -16,6 +16,7 @@ VITA `max_queue` segments waiting beyond it, `kv_positions` the KV budget, `prom
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
 from vitaserve.components.tensors import SPEECH_SYNTH as SPEC
 from vitaserve.triton import backend
 from vitaserve.triton.launcher import assert_stub_uses_project_venv
