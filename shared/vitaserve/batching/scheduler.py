@@ -356,7 +356,8 @@ class BatchEngine(EngineLoop):
         """(B, q, H) rows at `positions` (B, q) -> float32 logits (B, V) of each row's position `last`
         (B,), default the last one."""
         with torch.inference_mode():
-            out = self.model.model(inputs_embeds=rows, attention_mask={"full_attention": mask},
+            # a 4-D boolean mask is taken as it is (Qwen2 and Llama alike): each row sees only its own slots
+            out = self.model.model(inputs_embeds=rows, attention_mask=mask,
                                    position_ids=positions, cache=view, use_cache=True)
             hidden = out.last_hidden_state
             picked = hidden[:, -1] if last is None else hidden[torch.arange(hidden.shape[0]), last]

@@ -6,7 +6,9 @@ component holds only that component's memory:
 - `VisionEngine`  image bytes -> tiles -> one batched InternViT forward -> 256 LLM rows per tile
 - `AudioEngine`   16 kHz PCM -> fbank -> one padded batch through the whale encoder + adapter
 - `LLMEngine`     ChatML prompt + media rows -> streamed `TokenDelta`s (cancellable between tokens); requests
-                  of all callers share decode steps in one `vitaserve.batching.BatchEngine`
+                  of all callers share decode steps in one `vitaserve.batching.BatchEngine`. Built from a
+                  checkpoint (VITA-1.5) or, with `LLMEngine.from_model`, from any loaded causal LM (a plain
+                  Hugging Face one reads text-only prompts)
 - `SpeechEngine`  a text segment -> speech codes -> streamed 24 kHz float32 PCM chunks (cancellable); the
                   segments of all callers share decode steps in one `vitaserve.batching.SpeechBatcher`
 
@@ -51,7 +53,14 @@ from vitaserve.models.codec import StreamingDecoder
 from vitaserve.models.configs import AUDIO_TOKEN_ID, IMAGE_TOKEN_ID, SPEECH_SAMPLE_RATE, TOKENS_PER_TILE
 from vitaserve.models.image import DEFAULT_MAX_PIXELS, decode_image, dynamic_preprocess, tiles_to_pixel_values
 from vitaserve.models.llm import SamplingParams, StreamDetokenizer
-from vitaserve.models.prompt import ENDOFTEXT, IM_END, strip_state_marks, tokenize_with_placeholders
+from vitaserve.models.prompt import (
+    AUDIO_PLACEHOLDER,
+    ENDOFTEXT,
+    IM_END,
+    IMAGE_PLACEHOLDER,
+    strip_state_marks,
+    tokenize_with_placeholders,
+)
 
 IsCancelled = Callable[[], bool]
 
@@ -246,16 +255,52 @@ class LLMEngine:
 
     Every request goes through one `vitaserve.batching.BatchEngine` (started at the first request), so
     concurrent callers share decode steps. `engine_config` sets its KV budget, batch and queue sizes.
+
+    `LLMEngine(checkpoint, ...)` loads VITA-1.5's LLM (`VitaLLM`, which splices media rows into the
+    `<image>`/`<audio>` placeholders); `LLMEngine.from_model(model, tokenizer)` wraps an already loaded
+    model. A model without `splice_embeddings` (a plain Hugging Face causal LM) takes text-only prompts.
     """
 
     def __init__(self, checkpoint: CheckpointDir, *, dtype: str = "float32", device: str = "cpu",
                  engine_config: EngineConfig | None = None,
                  after_step: Callable[[], None] | None = None) -> None:
-        self.model = checkpoint.load_llm(dtype, device)
+        self._setup(checkpoint.load_llm(dtype, device), checkpoint.tokenizer(), checkpoint.raw_config,
+                    engine_config, after_step)
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, *, raw_config: dict[str, Any] | None = None,
+                   engine_config: EngineConfig | None = None,
+                   after_step: Callable[[], None] | None = None) -> LLMEngine:
+        """An engine over an already loaded `model` (eval mode, on its device) and its `tokenizer` (a Hugging
+        Face tokenizer or a `LockedTokenizer`).
+
+        The model must look like a Hugging Face causal LM to the batch engine: `model.model` (the decoder,
+        with `embed_tokens`, taking a 4-D boolean `attention_mask`, `position_ids` and a
+        `cache=` whose `update()` it calls per layer), `model.lm_head`, `model.config`, `model.dtype` and
+        `model.device`. `raw_config` supplies `eos_token_id` for the stop ids (default: `model.config`'s).
+        """
+        needed = ("model", "lm_head", "config", "dtype", "device")
+        missing = [name for name in needed if not hasattr(model, name)]
+        if not missing and not hasattr(model.model, "embed_tokens"):
+            missing.append("model.embed_tokens")
+        if missing:
+            raise TypeError(f"{type(model).__name__} is not a causal LM the batch engine can run: it lacks "
+                            f"{', '.join(missing)}")
+        if raw_config is None:
+            raw_config = {"eos_token_id": getattr(model.config, "eos_token_id", None)}
+        engine = cls.__new__(cls)
+        engine._setup(model, tokenizer, raw_config, engine_config, after_step)
+        return engine
+
+    def _setup(self, model: Any, tokenizer: Any, raw_config: dict[str, Any],
+               engine_config: EngineConfig | None, after_step: Callable[[], None] | None) -> None:
+        self.model = model
         self._after_step = after_step
-        self.tokenizer = LockedTokenizer(checkpoint.tokenizer())
+        self.tokenizer = tokenizer if isinstance(tokenizer, LockedTokenizer) else LockedTokenizer(tokenizer)
         self.hidden_size = int(self.model.config.hidden_size)
-        self.stop_ids = self._stop_ids(checkpoint.raw_config)
+        # VITA's LLM splices encoder rows into placeholders; any other model reads text only.
+        self.takes_media = callable(getattr(model, "splice_embeddings", None))
+        self.stop_ids = self._stop_ids(raw_config)
         self.engine_config = engine_config or EngineConfig()
         self._batcher: BatchEngine | None = None
         self._batcher_lock = threading.Lock()
@@ -283,19 +328,44 @@ class LLMEngine:
 
     def prepare(self, prompt: str, media: Sequence[np.ndarray], params: GenerationParams) -> PreparedPrompt:
         """Validate and splice (raising InvalidInput): `media[k]` fills the k-th placeholder of `prompt`,
-        256 rows for `<image>`, at least one for `<audio>`, each (rows, H)."""
+        256 rows for `<image>`, at least one for `<audio>`, each (rows, H). A text-only model (see
+        `takes_media`) takes no media and no placeholders."""
         check_generation_params(params)
         if not isinstance(prompt, str) or not prompt:
             raise InvalidInput("prompt must be a non-empty string")
         if len(prompt) > MAX_PROMPT_CHARS:
             raise InvalidInput(f"prompt is too long: {len(prompt)} characters, at most {MAX_PROMPT_CHARS}")
-        ids = tokenize_with_placeholders(self.tokenizer, prompt)
-        images, audios, arrays = self._check_media(ids, media)
-        embeds = self.model._check_embeds(self.model.splice_embeddings(ids, images, audios))  # finite rows
+        if self.takes_media:
+            ids = tokenize_with_placeholders(self.tokenizer, prompt)
+            images, audios, arrays = self._check_media(ids, media)
+            # _check_embeds: finite rows only
+            embeds = self.model._check_embeds(self.model.splice_embeddings(ids, images, audios))
+        else:
+            ids, embeds = self._embed_text(prompt, media)
+            arrays = []
         sampling = SamplingParams.checked(int(params.max_tokens), float(params.temperature), int(params.top_k),
                                           float(params.top_p), None if params.seed is None else int(params.seed),
                                           self.stop_ids)
         return PreparedPrompt(embeds, sequence_keys(ids, arrays), sampling)
+
+    def _embed_text(self, prompt: str, media: Sequence[np.ndarray]) -> tuple[list[int], torch.Tensor]:
+        """A text-only model's prompt rows: the ids of `prompt` (no added BOS; ChatML markers map to their
+        special ids) through the model's embedding table."""
+        n_media = len(list(media))
+        if n_media:
+            raise InvalidInput(f"this model takes no media: {n_media} media array(s) were given with a "
+                               "text-only prompt (put image descriptions and transcripts into its text)")
+        for placeholder in (IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER):
+            if placeholder in prompt:
+                raise InvalidInput(f"this model takes no media: the prompt holds the placeholder "
+                                   f"{placeholder!r}")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not ids:
+            raise InvalidInput("the prompt has no tokens")
+        with torch.no_grad():
+            rows = torch.tensor(ids, dtype=torch.long, device=self.model.device)
+            embeds = self.model.model.embed_tokens(rows)
+        return ids, embeds
 
     def submit(self, prepared: PreparedPrompt, sink: TokenSink, *, session_id: str = "",
                is_cancelled: IsCancelled | None = None) -> RequestHandle:

@@ -15,16 +15,31 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from vitaserve.errors import InvalidInput
 from vitaserve.families.base import TurnContent, clean_history_text
 from vitaserve.models.prompt import IM_START, Message, Turn, check_text, render_chatml
 
+# Kept short and concrete: a 135M model follows a few plain instructions better than many. Tuned on the
+# user message above (tests/families/test_small_llm.py checks the demo's answer names the cat and the word).
 SYSTEM_PROMPT = (
-    "You are a helpful voice assistant. You cannot see; instead you are given a description of the "
-    "user's image and the words the user said. Answer the question in one or two short sentences, "
-    "using the description."
+    "You are a voice assistant. Each user message has an image description and a question. Answer the "
+    "question in one or two short sentences. Use the facts in the image description, including any "
+    "written text."
 )
 # Live and offline turns share the prompt: the small LLM has one way of answering.
 SYSTEM_PROMPTS = {"realtime": SYSTEM_PROMPT, "offline": SYSTEM_PROMPT}
+# SmolLM2's special tokens beyond ChatML's (`check_text` refuses those and every `<|...|>`): text holding
+# one would be tokenized as that control token.
+SPECIAL_TOKENS = ("<repo_name>", "<reponame>", "<file_sep>", "<filename>", "<gh_stars>", "<issue_start>",
+                  "<issue_comment>", "<issue_closed>", "<jupyter_start>", "<jupyter_text>", "<jupyter_code>",
+                  "<jupyter_output>", "<jupyter_script>", "<empty_output>")
+
+
+def _check(text: str, *, what: str, max_chars: int) -> None:
+    check_text(text, what=what, max_chars=max_chars)
+    for token in SPECIAL_TOKENS:
+        if token in text:
+            raise InvalidInput(f"{what} contains the reserved token {token!r}")
 
 
 def user_message(content: TurnContent) -> str:
@@ -39,15 +54,16 @@ def user_message(content: TurnContent) -> str:
 
 def render(history: Sequence[Turn], user: str | None, *, system: str, max_chars: int) -> str:
     """The whole prompt: system, earlier turns, the new `user` message (None: stop after the next user
-    header, for the KV warm-up). Raises InvalidInput for reserved tokens or over-long texts."""
-    check_text(system, what="system prompt", max_chars=max_chars)
+    header, for the KV warm-up). Raises InvalidInput for ChatML or SmolLM2 control tokens (`SPECIAL_TOKENS`)
+    in any text, or texts over `max_chars`."""
+    _check(system, what="system prompt", max_chars=max_chars)
     messages = [Message("system", system)]
     for i, turn in enumerate(history):
-        check_text(turn.user, what=f"history[{i}] user text", max_chars=max_chars)
-        check_text(turn.assistant, what=f"history[{i}] reply", max_chars=max_chars)
+        _check(turn.user, what=f"history[{i}] user text", max_chars=max_chars)
+        _check(turn.assistant, what=f"history[{i}] reply", max_chars=max_chars)
         messages += [Message("user", turn.user), Message("assistant", turn.assistant)]
     if user is None:
         body = render_chatml(messages).removesuffix(f"{IM_START}assistant\n")
         return f"{body}{IM_START}user\n"
-    check_text(user, what="user text", max_chars=max_chars)
+    _check(user, what="user text", max_chars=max_chars)
     return render_chatml([*messages, Message("user", user)])
