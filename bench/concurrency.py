@@ -55,7 +55,7 @@ def pick_prompts(checkpoint: CheckpointDir, n: int, tokens: int) -> tuple[list[s
     first 16 served one after another by transformers `generate`, tokens/s) and `engine_figures`."""
     from vitaserve.components.engines import LLMEngine
 
-    llm = LLMEngine(checkpoint)  # tokenizer + stop ids; its batch engine is never started
+    llm = LLMEngine.from_checkpoint(checkpoint)  # tokenizer + stop ids; its batch engine is never started
     model, tok = llm.model, llm.tokenizer
     stops = sorted(llm.stop_ids)
     prompts: list[str] = []

@@ -69,7 +69,7 @@ class InProcess:
         torch.set_num_threads(threads)
         ckpt = CheckpointDir(checkpoint)
         self.vision, self.audio = VisionEngine(ckpt), AudioEngine(ckpt)
-        self.llm, self.speech = LLMEngine(ckpt), SpeechEngine(ckpt)
+        self.llm, self.speech = LLMEngine.from_checkpoint(ckpt), SpeechEngine(ckpt)
         self.pool = ThreadPoolExecutor(2)
         engines = {"vision_encoder": EncoderEngine(self.vision, rows_encoding),
                    "audio_encoder": EncoderEngine(self.audio, rows_encoding), "llm_decoder": self.llm,

@@ -52,7 +52,7 @@ def engines(checkpoint: CheckpointDir) -> dict[str, Any]:
     return {
         "vision_encoder": VisionEngine(checkpoint),
         "audio_encoder": AudioEngine(checkpoint),
-        "llm_decoder": LLMEngine(checkpoint),
+        "llm_decoder": LLMEngine.from_checkpoint(checkpoint),
         "speech_synth": SpeechEngine(checkpoint),
     }
 

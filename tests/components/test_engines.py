@@ -156,7 +156,7 @@ def test_llm_seeded_sampling_is_reproducible(engines, make_prompt, media) -> Non
 
 
 def test_llm_stops_on_a_stop_id(checkpoint, make_prompt, media) -> None:
-    llm = LLMEngine(checkpoint)
+    llm = LLMEngine.from_checkpoint(checkpoint)
     prompt = make_prompt(1, has_audio=True)
     first = next(iter(llm.generate(prompt, media, GenerationParams(max_tokens=5)))).token_id
     llm.stop_ids = frozenset({first})
@@ -328,7 +328,7 @@ def test_engines_load_only_their_weights(tiny_checkpoint, engine: str, allowed: 
 
 def test_llm_engine_reads_no_encoder_weights(tiny_checkpoint) -> None:
     ckpt = RecordingCheckpoint.open(tiny_checkpoint)
-    LLMEngine(ckpt)
+    LLMEngine.from_checkpoint(ckpt)
     encoders = ("model.vision_tower.", "model.mm_projector.", "model.audio_encoder.")
     assert ckpt.names_read and not any(name.startswith(encoders) for name in ckpt.names_read)
 

@@ -299,11 +299,11 @@ def test_bad_requests_are_rejected(engine: Any, prompt: str, params: GenerationP
         list(engine.generate(prompt, [], params))
 
 
-def test_from_model_rejects_a_non_causal_lm() -> None:
+def test_the_engine_rejects_a_non_causal_lm() -> None:
     from vitaserve.components.engines import LLMEngine
 
     with pytest.raises(TypeError, match="lacks"):
-        LLMEngine.from_model(torch.nn.Linear(2, 2), tokenizer=None)
+        LLMEngine(torch.nn.Linear(2, 2), tokenizer=None)
 
 
 # ---- meaningful answers --------------------------------------------------------------------------------

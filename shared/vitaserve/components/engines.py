@@ -7,7 +7,7 @@ component holds only that component's memory:
 - `AudioEngine`   16 kHz PCM -> fbank -> one padded batch through the whale encoder + adapter
 - `LLMEngine`     ChatML prompt + media rows -> streamed `TokenDelta`s (cancellable between tokens); requests
                   of all callers share decode steps in one `vitaserve.batching.BatchEngine`. Built from a
-                  checkpoint (VITA-1.5) or, with `LLMEngine.from_model`, from any loaded causal LM (a plain
+                  checkpoint (VITA-1.5, `LLMEngine.from_checkpoint`) or from any loaded causal LM (a plain
                   Hugging Face one reads text-only prompts)
 - `SpeechEngine`  a text segment -> speech codes -> streamed 24 kHz float32 PCM chunks (cancellable); the
                   segments of all callers share decode steps in one `vitaserve.batching.SpeechBatcher`
@@ -256,23 +256,16 @@ class LLMEngine:
     Every request goes through one `vitaserve.batching.BatchEngine` (started at the first request), so
     concurrent callers share decode steps. `engine_config` sets its KV budget, batch and queue sizes.
 
-    `LLMEngine(checkpoint, ...)` loads VITA-1.5's LLM (`VitaLLM`, which splices media rows into the
-    `<image>`/`<audio>` placeholders); `LLMEngine.from_model(model, tokenizer)` wraps an already loaded
-    model. A model without `splice_embeddings` (a plain Hugging Face causal LM) takes text-only prompts.
+    `LLMEngine.from_checkpoint(checkpoint, ...)` loads VITA-1.5's LLM (`VitaLLM`, which splices media rows
+    into the `<image>`/`<audio>` placeholders); `LLMEngine(model, tokenizer)` wraps an already loaded model.
+    A model without `splice_embeddings` (a plain Hugging Face causal LM) takes text-only prompts.
     """
 
-    def __init__(self, checkpoint: CheckpointDir, *, dtype: str = "float32", device: str = "cpu",
+    def __init__(self, model: Any, tokenizer: Any, *, raw_config: dict[str, Any] | None = None,
                  engine_config: EngineConfig | None = None,
                  after_step: Callable[[], None] | None = None) -> None:
-        self._setup(checkpoint.load_llm(dtype, device), checkpoint.tokenizer(), checkpoint.raw_config,
-                    engine_config, after_step)
-
-    @classmethod
-    def from_model(cls, model: Any, tokenizer: Any, *, raw_config: dict[str, Any] | None = None,
-                   engine_config: EngineConfig | None = None,
-                   after_step: Callable[[], None] | None = None) -> LLMEngine:
         """An engine over an already loaded `model` (eval mode, on its device) and its `tokenizer` (a Hugging
-        Face tokenizer or a `LockedTokenizer`).
+        Face tokenizer or a `LockedTokenizer`); `from_checkpoint` loads VITA-1.5's.
 
         The model must look like a Hugging Face causal LM to the batch engine: `model.model` (the decoder,
         with `embed_tokens`, taking a 4-D boolean `attention_mask`, `position_ids` and a
@@ -288,12 +281,6 @@ class LLMEngine:
                             f"{', '.join(missing)}")
         if raw_config is None:
             raw_config = {"eos_token_id": getattr(model.config, "eos_token_id", None)}
-        engine = cls.__new__(cls)
-        engine._setup(model, tokenizer, raw_config, engine_config, after_step)
-        return engine
-
-    def _setup(self, model: Any, tokenizer: Any, raw_config: dict[str, Any],
-               engine_config: EngineConfig | None, after_step: Callable[[], None] | None) -> None:
         self.model = model
         self._after_step = after_step
         self.tokenizer = tokenizer if isinstance(tokenizer, LockedTokenizer) else LockedTokenizer(tokenizer)
@@ -304,6 +291,14 @@ class LLMEngine:
         self.engine_config = engine_config or EngineConfig()
         self._batcher: BatchEngine | None = None
         self._batcher_lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: CheckpointDir, *, dtype: str = "float32", device: str = "cpu",
+                        engine_config: EngineConfig | None = None,
+                        after_step: Callable[[], None] | None = None) -> LLMEngine:
+        """VITA-1.5's LLM and tokenizer from a checkpoint in the released layout."""
+        return cls(checkpoint.load_llm(dtype, device), checkpoint.tokenizer(), raw_config=checkpoint.raw_config,
+                   engine_config=engine_config, after_step=after_step)
 
     def _stop_ids(self, raw_config: dict[str, Any]) -> frozenset[int]:
         """`<|im_end|>` (the end of a ChatML turn), `<|endoftext|>`, and the tokenizer's and config's eos."""

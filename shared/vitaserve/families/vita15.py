@@ -99,8 +99,9 @@ class Vita15Family(ModelFamily):
         if component == "llm_decoder":
             from vitaserve.batching import EngineConfig
 
-            return engines.LLMEngine(checkpoint, engine_config=EngineConfig.from_parameters(options.params),
-                                     after_step=after_step, **common)
+            config = EngineConfig.from_parameters(options.params)
+            return engines.LLMEngine.from_checkpoint(checkpoint, engine_config=config, after_step=after_step,
+                                                     **common)
         if component == "speech_synth":
             from vitaserve.batching import SpeechBatchConfig
             from vitaserve.triton.backend import int_parameter

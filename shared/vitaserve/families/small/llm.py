@@ -8,7 +8,7 @@ into place under a lock), so processes starting together (several Triton model i
 and never see a half-written directory.
 
 `load_small_llm` returns a plain `transformers.LlamaForCausalLM`; `small_llm_engine` wraps it in
-`LLMEngine.from_model`, which feeds text-only prompts through the same `BatchEngine` as VITA-1.5's LLM
+`LLMEngine`, which feeds text-only prompts through the same `BatchEngine` as VITA-1.5's LLM
 (batching, prefix reuse, cancellation and seeded sampling work alike; Llama attention calls the paged
 `PagedView.update` exactly as Qwen2 does).
 
@@ -257,4 +257,4 @@ def small_llm_engine(cache_dir: str | os.PathLike[str] | None = None, *, dtype: 
     from vitaserve.components.engines import LLMEngine
 
     model, tokenizer = load_small_llm(cache_dir, dtype=dtype, device=device)
-    return LLMEngine.from_model(model, tokenizer, engine_config=engine_config, after_step=after_step)
+    return LLMEngine(model, tokenizer, engine_config=engine_config, after_step=after_step)
