@@ -223,3 +223,23 @@ def test_segmenter_blank_text_is_not_a_segment() -> None:
     assert [(s.text, s.start, s.end) for s in out] == [("\n\nHello world.", 0, 14)]
     assert seg.push("  ") == [] and seg.flush() is None
     assert TextSegmenter().flush() is None
+
+
+def test_segmenter_english_first_segment_by_comma_or_word_count() -> None:
+    """The small family's rule: commas kept (not turned into '。'), and a long first clause cut after its
+    fifth word; later segments wait for a sentence end (or a comma once 40 characters are in)."""
+    from vitaserve.families import get_family
+
+    def cut(text: str) -> list[str]:
+        seg = get_family("small").segmenter()
+        out = [s for ch in text for s in seg.push(ch)]  # token boundaries do not matter
+        tail = seg.flush()
+        return [s.text for s in out + ([tail] if tail else [])]
+
+    text = "The image is a picture of a cat, possibly a tabby. The text says PIZZA."
+    assert cut(text) == ["The image is a picture ", "of a cat, possibly a tabby. The text says PIZZA."]
+    assert cut("It is a cat, sitting still.") == ["It is a cat,", " sitting still."]
+    assert cut("  A  cat  sat on the mat today") == ["  A  cat  sat on the ", "mat today"]
+    assert "".join(cut(text)) == text  # spans tile the reply
+    with pytest.raises(InvalidInput, match="first_max_words"):
+        TextSegmenter(first_max_words=0)

@@ -229,6 +229,9 @@ class TextSegmenter:
       character (`first_min_chars` = 1);
     - in the first segment '，' and ',' are replaced by '。' (one character for one, so spans hold), unless
       `first_commas_to_stops` is False (a TTS that reads English prosody from the commas);
+    - `first_max_words` (default: none): the first segment is also cut at the space that follows its
+      `first_max_words`-th word, if no cut character came sooner, so the first audio does not wait for
+      a long first clause (the space ends the segment);
     - a buffer holding only whitespace is never cut (the reference skips blank segments), so blank
       text is carried into the next segment's span;
     - `flush()` returns the remaining text at the end of the reply. The reference drops a tail without
@@ -242,14 +245,17 @@ class TextSegmenter:
         min_chars: int | None = None,
         first_min_chars: int = 1,
         first_commas_to_stops: bool = True,
+        first_max_words: int | None = None,
     ) -> None:
         rule = prompt_format()["tts_segmentation"]
         self.cut_chars = frozenset(rule["cut_after_chars"] if cut_chars is None else cut_chars)
         self.min_chars = int(rule["min_chars"] if min_chars is None else min_chars)
         self.first_min_chars = int(first_min_chars)
         self.first_commas_to_stops = first_commas_to_stops
-        if self.min_chars < 1 or self.first_min_chars < 1:
-            raise InvalidInput("min_chars and first_min_chars must be >= 1")
+        self.first_max_words = first_max_words
+        if self.min_chars < 1 or self.first_min_chars < 1 or (first_max_words is not None and first_max_words < 1):
+            raise InvalidInput("min_chars, first_min_chars and first_max_words must be >= 1")
+        self._words = 0  # words completed in the buffer (counted for the first segment only)
         self._buffer: list[str] = []
         self._has_text = False  # the buffer holds a non-whitespace character
         self._start = 0
@@ -261,9 +267,15 @@ class TextSegmenter:
         for ch in delta:
             self._buffer.append(ch)
             self._has_text = self._has_text or not ch.isspace()
-            minimum = self.first_min_chars if self._emitted == 0 else self.min_chars
+            first = self._emitted == 0
+            minimum = self.first_min_chars if first else self.min_chars
             if ch in self.cut_chars and self._has_text and len(self._buffer) >= minimum:
                 out.append(self._cut())
+            elif first and self.first_max_words is not None and ch.isspace() and len(self._buffer) > 1 \
+                    and not self._buffer[-2].isspace():
+                self._words += 1  # a space right after a word ends that word
+                if self._words >= self.first_max_words:
+                    out.append(self._cut())
         return out
 
     def flush(self) -> Segment | None:
