@@ -33,8 +33,9 @@ from vitaserve.models.prompt import Turn
 pytestmark = [pytest.mark.integration]
 
 N_TOKENS = 24
-DEMO_USER = ('Image: a photo of a tabby cat; the text "PIZZA" is written in it.\n'
-             "Question: What animal is in this picture, and what word is written on it?")
+# What the small family's encoders make of the demo scene and its spoken question (ImageDescriber, Whisper).
+DEMO_USER = ('Image: a picture of a cat (an Egyptian Mau or a striped tabby cat). The word "PIZZA" is written '
+             'in the picture.\nQuestion: What animal is in this picture and what word is written on it?')
 STORY = "Write a short story about a robot who learns to paint."
 
 

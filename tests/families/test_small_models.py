@@ -283,12 +283,14 @@ def test_description_wording() -> None:
     dogs = [Label(207, "Golden Retriever", 0.5), Label(208, "Labrador Retriever", 0.3)]
     assert ImageDescriber.describe_parts(sure, []) == "a picture of a coffee mug."
     assert ImageDescriber.describe_parts(maybe, ["OPEN"]) == (
-        'a picture of perhaps an analog clock or a digital clock; the text "OPEN" is written in it.')
+        'a picture of perhaps an analog clock or a digital clock. The word "OPEN" is written in the picture.')
+    assert ImageDescriber.describe_parts(sure, ["NO ENTRY"]) == (
+        'a picture of a coffee mug. The text "NO ENTRY" is written in the picture.')
     assert ImageDescriber.describe_parts(dogs, []) == (
-        "a picture of a dog (probably a Golden Retriever or a Labrador Retriever).")
+        "a picture of a dog (a Golden Retriever or a Labrador Retriever).")
     assert ImageDescriber.describe_parts(unsure, ["A", "B", "C"]) == (
-        'a picture of something the classifier cannot name; '
-        'the text lines "A", "B" and "C" are written in it.')
+        'a picture of something the classifier cannot name. '
+        'The text lines "A", "B" and "C" are written in the picture.')
     assert "no readable text" in ImageDescriber.describe_parts(unsure, [])
 
 

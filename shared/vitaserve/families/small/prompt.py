@@ -3,7 +3,7 @@
 The LLM never sees pixels or audio: the vision encoder describes each picture in one line and the audio
 encoder transcribes the spoken question, so a user message reads
 
-    Image: a photo of a tabby cat; the text "PIZZA" is written in it.
+    Image: a picture of a cat (an Egyptian Mau or a tabby cat). The word "PIZZA" is written in the picture.
     Question: What animal is in this picture, and what word is written on it?
 
 (`Camera:` for camera frames; typed text and the transcript both go under `Question:`). The rendering is
