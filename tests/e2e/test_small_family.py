@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,3 +129,80 @@ def test_bad_input_to_the_small_family_gets_clear_errors_and_the_session_goes_on
     assert [e.code for e in errors] == ["INVALID_ARGUMENT"] and "no words were recognised" in errors[0].message
     assert bad_image.WhichOneof("event") == "error" and bad_image.error.code == "INVALID_ARGUMENT"
     assert "error" not in [e.WhichOneof("event") for e in after] and reply.strip()
+
+
+def test_the_small_triton_models_answer_bad_requests_with_clear_errors(small_stack: LocalStack) -> None:
+    """Straight to the Triton models (as the batch worker calls them): one good call of each, then bad
+    requests, each an InvalidInput naming the problem; the models keep serving."""
+    from vitaserve.components.base import GenerationParams, ImageInput
+    from vitaserve.components.triton import TritonComponents
+    from vitaserve.errors import InvalidInput
+
+    async def calls() -> tuple:
+        client = TritonComponents(small_stack.triton_url)
+        try:
+            (seen,) = await client.encode_images([ImageInput((EXAMPLES / "scene.png").read_bytes())])
+            heard = await client.encode_audio(np.zeros(8000, np.float32))
+            errors = []
+            for call in (
+                lambda: client.encode_images([ImageInput(b"GIF89a truncated")]),
+                lambda: client.encode_audio(np.full(16000, np.nan, np.float32)),
+                lambda: _drain(client.generate("hi", [np.zeros((4, 576), np.float32)], GenerationParams())),
+                lambda: _drain(client.generate("<image> hi", [], GenerationParams())),
+                lambda: _drain(client.synthesize("x" * 5000)),
+            ):
+                with pytest.raises(InvalidInput) as caught:
+                    await call()
+                errors.append(caught.value.message)
+            spoken = [c async for c in client.synthesize("Still here.", seed=1)]
+            return seen, heard, errors, spoken
+        finally:
+            await client.close()
+
+    seen, heard, errors, spoken = run(calls())
+    assert seen.embeddings is None and 'The word "PIZZA"' in seen.text
+    assert heard.embeddings is None and heard.text == ""  # half a second of silence: no words
+    assert "unrecognised image format" in errors[0] or "corrupt" in errors[0]
+    assert "NaN" in errors[1] or "finite" in errors[1]
+    assert "takes no media" in errors[2] and "takes no media" in errors[3]
+    assert "too long" in errors[4]
+    assert spoken and all(c.sample_rate == 24000 for c in spoken)
+
+
+async def _drain(stream) -> None:  # noqa: ANN001
+    async for _ in stream:
+        pass
+
+
+def test_an_interruption_stops_a_small_family_reply_and_keeps_what_was_heard(small_stack: LocalStack) -> None:
+    """Interruption works alike for both families: the reply (paced to real time, as a client plays it) is
+    interrupted ~1.5 s into its audio; history keeps the text the user heard."""
+    paced = pb.SessionSettings(turn_detection="manual", want_audio=True, max_reply_tokens=96, temperature=0.0)
+
+    async def scenario() -> tuple:
+        async with Conversation.open(small_stack.orchestrator_address, settings=paced) as conv:
+            await conv.send_text("Tell me a long story about a cat who finds a pizza.")
+            events, first_audio, sent = [], None, False
+            async for event in conv.events():
+                events.append(event)
+                kind = event.WhichOneof("event")
+                if kind == "audio":
+                    first_audio = first_audio or time.monotonic()
+                    if not sent and time.monotonic() - first_audio > 1.5:  # ~1.5 s played (real-time pacing)
+                        await conv.interrupt()
+                        sent = True
+                if kind in ("interrupted", "response_done", "error"):
+                    break
+            await conv.send(pb.ClientEvent(session_update=pb.SessionUpdate()))
+            while (started := await conv.next_event()).WhichOneof("event") != "session_started":
+                pass
+            return events, started.session_started
+
+    events, started = run(scenario())
+    last = events[-1]
+    assert last.WhichOneof("event") == "interrupted", [e.WhichOneof("event") for e in events]
+    text = "".join(e.text_delta.text for e in events if e.WhichOneof("event") == "text_delta")
+    heard = last.interrupted.heard_text
+    assert 1000 < last.interrupted.played_ms < 3000, last.interrupted
+    assert heard and text.startswith(heard) and len(heard) < len(text), (heard, text)
+    assert started.history[-1].assistant == heard

@@ -241,6 +241,20 @@ def test_a_text_family_turn_with_nothing_recognised_is_a_clear_error(question_pc
     run(body())
 
 
+def test_encoders_of_another_model_family_are_a_clear_error(question_pcm: np.ndarray) -> None:
+    """An orchestrator and Triton models set to different families (VITASERVE_MODEL_FAMILY) say so."""
+
+    async def body() -> None:
+        rows_only = FakeComponents()  # VITA-1.5's answers: rows, no text
+        h = Harness(rows_only, TurnInput(text="Hi", images=(ImageInput(b"png"),)), family="small")
+        h.response.start()
+        error = (await h.until_end())[-1].event
+        assert isinstance(error, ErrorEvent) and "vision_encoder answered without a description" in error.message
+        assert "VITASERVE_MODEL_FAMILY" in error.message and not rows_only.prompts
+
+    run(body())
+
+
 def test_camera_frames_use_the_video_prompt() -> None:
     async def body() -> None:
         fake = FakeComponents()

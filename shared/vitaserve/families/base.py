@@ -140,6 +140,13 @@ class ModelFamily(ABC):
         called on the engine thread after every batched step."""
 
 
+def other_family(component: str, expected: str) -> VitaserveError:
+    """The error for an encoder answer of the wrong kind: the Triton models were loaded for another family
+    than the caller's (VITASERVE_MODEL_FAMILY differs between them)."""
+    return VitaserveError(f"{component} answered without {expected}: the Triton models serve another model "
+                          "family than this service (set the same VITASERVE_MODEL_FAMILY on both)")
+
+
 def clean_history_text(text: str) -> str:
     """`text` without what `RESERVED` matches: a model's or recogniser's output that later prompts repeat."""
     return RESERVED.sub("", text)

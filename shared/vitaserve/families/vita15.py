@@ -27,6 +27,7 @@ from vitaserve.families.base import (
     ModelFamily,
     TurnContent,
     clean_history_text,
+    other_family,
     rows_encoding,
 )
 from vitaserve.models.configs import TOKENS_PER_TILE
@@ -72,6 +73,8 @@ class Vita15Family(ModelFamily):
         super().check_images(pictures, encodings)
         for k, (pic, enc) in enumerate(zip(pictures, encodings, strict=True)):
             arr = enc.embeddings
+            if arr is None and enc.text:
+                raise other_family("vision_encoder", "LLM rows")
             rows = arr.shape[0] if arr is not None and arr.ndim == 2 else -1
             if rows <= 0 or rows % TOKENS_PER_TILE or rows // TOKENS_PER_TILE > max(pic.max_tiles, 1) + 1:
                 shape = None if arr is None else arr.shape
@@ -79,6 +82,8 @@ class Vita15Family(ModelFamily):
 
     def check_audio(self, encoding: Encoding) -> None:
         arr = encoding.embeddings
+        if arr is None and encoding.text:
+            raise other_family("audio_encoder", "LLM rows")
         if arr is None or arr.ndim != 2 or arr.shape[0] == 0:
             raise VitaserveError(f"audio_encoder returned embeddings of shape {None if arr is None else arr.shape}")
 
@@ -110,6 +115,10 @@ class Vita15Family(ModelFamily):
             if "max_streams" in options.params:  # the batch size of a Triton instance
                 config = dataclasses.replace(config, max_batch=options.max_streams)
             codec_workers = int_parameter(options.params, "codec_workers", 1, minimum=1)
-            return engines.SpeechEngine(checkpoint, batch_config=config, codec_workers=codec_workers, **common)
+            speech = engines.SpeechEngine(checkpoint, batch_config=config, codec_workers=codec_workers, **common)
+            # The batcher (its KV buffers and engine thread) starts now, on the loading thread: a budget
+            # that cannot fit fails the load, and the first segments do not race to create it.
+            speech.batcher  # noqa: B018
+            return speech
         raise ValueError(f"unknown component {component!r}")
 

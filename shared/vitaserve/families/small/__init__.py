@@ -19,13 +19,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from vitaserve.components.base import Encoding, ImageInput
-from vitaserve.errors import InvalidInput, VitaserveError
+from vitaserve.errors import InvalidInput
 from vitaserve.families.base import (
     EncoderEngine,
     EngineOptions,
     LLMRequest,
     ModelFamily,
     TurnContent,
+    other_family,
     text_encoding,
 )
 from vitaserve.families.small import prompt
@@ -82,13 +83,14 @@ class SmallFamily(ModelFamily):
 
     def check_images(self, pictures: Sequence[ImageInput], encodings: Sequence[Encoding]) -> None:
         super().check_images(pictures, encodings)
-        for k, enc in enumerate(encodings):
-            if not isinstance(enc.text, str):
-                raise VitaserveError(f"vision_encoder returned no description for image {k}")
+        for enc in encodings:  # a description is never empty; rows instead come from a VITA-1.5 model
+            if not enc.text:
+                raise other_family("vision_encoder", "a description")
 
     def check_audio(self, encoding: Encoding) -> None:
-        if not isinstance(encoding.text, str):
-            raise VitaserveError("audio_encoder returned no transcript")
+        # An empty transcript is fine (nothing was said: `llm_request` says so); rows are another family's.
+        if encoding.embeddings is not None and not encoding.text:
+            raise other_family("audio_encoder", "a transcript")
 
     def engine(self, component: str, options: EngineOptions, *,
                after_step: Callable[[], None] | None = None) -> Any:
