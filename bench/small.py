@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import soxr
 
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.client import Conversation, read_wav_16k
+from vitaserve.families.small.asr import word_errors
 from vitaserve.lifecycle import run_main
 from vitaserve.stack import REPO_ROOT, LocalStack
 
@@ -69,23 +69,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def edit_distance(ref: list[str], hyp: list[str]) -> int:
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1]
-
-
 def wer(pairs: list[tuple[str, str]]) -> float:
     """Corpus word error rate of (reference, hypothesis) pairs."""
-    errors = sum(edit_distance(words(r), words(h)) for r, h in pairs)
-    return errors / max(1, sum(len(words(r)) for r, _ in pairs))
+    counts = [word_errors(r, h) for r, h in pairs]
+    return sum(e for e, _ in counts) / max(1, sum(n for _, n in counts))
 
 
 def make_questions() -> list[Question]:

@@ -9,7 +9,6 @@ transcribed back with the same recogniser and compared with the reply text.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +19,7 @@ import soxr
 
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.client import Conversation, run_turn
+from vitaserve.families.small.asr import word_error_rate, words
 from vitaserve.stack import LocalStack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
@@ -28,21 +28,6 @@ EXAMPLES = Path(__file__).parents[2] / "examples" / "media"
 QUESTION = "What animal is in this picture, and what word is written on it?"
 SETTINGS = pb.SessionSettings(turn_detection="manual", want_audio=True, max_reply_tokens=64, temperature=0.0,
                               playout_lead_ms=3_600_000)
-
-
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """Levenshtein distance over words / reference words."""
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / max(1, len(ref))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ model is loaded once per module (about 1 s in all); the file runs in about 10 s 
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +24,7 @@ import soxr
 
 from vitaserve.components.base import ImageInput
 from vitaserve.errors import InvalidInput
+from vitaserve.families.small.asr import word_error_rate
 
 pytestmark = [pytest.mark.unit]
 
@@ -33,22 +33,6 @@ MEDIA = REPO / "examples" / "media"
 QUESTION = "What animal is in this picture, and what word is written on it?"
 # Cat words the real classifier may give for the scene (ImageNet's domestic cat classes and the group name).
 CAT_WORDS = ("cat", "tabby", "egyptian mau", "siamese", "persian")
-
-
-def words(text: str) -> list[str]:
-    """Lower-case words without punctuation (apostrophes kept: "it's")."""
-    return re.findall(r"[a-z0-9']+", text.lower())
-
-
-def word_error_rate(reference: str, hypothesis: str) -> float:
-    """(substitutions + deletions + insertions) / reference words, by word-level edit distance."""
-    ref, hyp = words(reference), words(hypothesis)
-    row = list(range(len(hyp) + 1))
-    for i, r in enumerate(ref, 1):
-        prev, row[0] = row[0], i
-        for j, h in enumerate(hyp, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
-    return row[-1] / max(1, len(ref))
 
 
 def read_wav_16k(path: Path) -> np.ndarray:

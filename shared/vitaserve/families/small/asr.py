@@ -17,6 +17,7 @@ few seconds of speech that the orchestrator's own VAD already cut.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Sequence
 
@@ -98,3 +99,28 @@ class SpeechRecognizer:
             # `segments` is a lazy generator: the decoding happens while it is consumed, under the lock.
             text = " ".join(segment.text.strip() for segment in segments)
         return " ".join(text.split())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Word error: how a transcript is scored (tests and bench/small.py)
+
+
+def words(text: str) -> list[str]:
+    """Lower-case words without punctuation (apostrophes kept: "it's")."""
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def word_errors(reference: str, hypothesis: str) -> tuple[int, int]:
+    """(substitutions + deletions + insertions, reference words): the word-level edit distance."""
+    ref, hyp = words(reference), words(hypothesis)
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[-1], len(ref)
+
+
+def word_error_rate(reference: str, hypothesis: str) -> float:
+    errors, n = word_errors(reference, hypothesis)
+    return errors / max(1, n)
