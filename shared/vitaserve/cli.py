@@ -17,6 +17,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from vitaserve.lifecycle import run_main
+
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("vitaserve.demo:main", "run the embedded default: a local end-to-end conversation"),
     "converse": ("vitaserve.client:main", "talk to a running orchestrator with a WAV, an image and/or text"),
@@ -49,7 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as exc:
         print(f"vitaserve {name}: not available in this installation ({exc})", file=sys.stderr)
         return 2
-    result = getattr(module, func_name)(rest)
+    # SIGINT/SIGTERM unwind the command, so what it started (Triton, the orchestrator) stops too.
+    result = run_main(getattr(module, func_name), rest)
     return int(result or 0)
 
 
