@@ -1,25 +1,28 @@
 """Batched speech synthesis through real Triton's speech_synth (`TritonComponents.synthesize`, gRPC
 streaming).
 
-Uses the session's shared Triton (`triton_server`) for concurrency and cancellation, and one small
-speech_synth-only Triton rendered with a 1-segment batch, a 1-segment queue and a small KV budget for
-back-pressure and the budget check.
+Uses a speech_synth-only Triton at one torch thread for concurrency and cancellation (its audio is compared
+with the in-process engine's at the same thread count), and one small speech_synth-only Triton rendered
+with a 1-segment batch, a 1-segment queue and a small KV budget for back-pressure and the budget check.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import triton_calls
 
 from vitaserve.components.triton import TritonComponents
 from vitaserve.errors import InvalidInput, ResourceExhausted
-from vitaserve.triton.backend import ENV_CHECKPOINT_DIR
+from vitaserve.triton.backend import ENV_CHECKPOINT_DIR, ENV_CPU_THREADS
 from vitaserve.triton.launcher import TritonServer
 from vitaserve.triton.repository import render_repository
 
@@ -46,6 +49,18 @@ def run(coro_fn, url: str):  # noqa: ANN001, ANN201
     return triton_calls.run(coro_fn, url, "speech_synth")
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """The codec's conv reductions differ in the last bits with the thread count, which can move a
+    minimum-energy join point by one code: compare at the thread count the server uses."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def log_line(server: TritonServer, request_id: str, timeout: float = 10.0) -> str:
     return triton_calls.request_log_line(server, "speech_synth", request_id, timeout)
 
@@ -54,7 +69,25 @@ async def _collect(stream) -> list:  # noqa: ANN001
     return [item async for item in stream]
 
 
-def test_concurrent_segments_share_steps_and_equal_in_process(triton_server, engines) -> None:
+@pytest.fixture(scope="module")
+def one_thread_server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    """speech_synth alone, at one torch thread (VITASERVE_CPU_THREADS=1, as LocalStack runs it), so that
+    the in-process reference can be computed at the same thread count (`one_torch_thread`)."""
+    tmp = tmp_path_factory.mktemp("speech-one-thread")
+    # two codec workers: at one thread each, one would keep cancelled segments' consumers waiting for it
+    # (they poll their cancellation between codec windows) while their codes pile up
+    repo = render_repository(tmp / "repo", models=["speech_synth"], speech_engine={"codec_workers": "2"})
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(ENV_CHECKPOINT_DIR, str(tiny_checkpoint))
+        env.setenv(ENV_CPU_THREADS, "1")
+        srv = TritonServer(repo, startup_timeout=120, log_path=tmp / "tritonserver.log").start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_concurrent_segments_share_steps_and_equal_in_process(one_thread_server, engines) -> None:
     cancelled = {2, 5}
     long_text = "one two three four five six seven eight nine ten " * 6  # ~900 codes: seconds of work
 
@@ -77,16 +110,17 @@ def test_concurrent_segments_share_steps_and_equal_in_process(triton_server, eng
     async def all_segments(client: TritonComponents) -> list[list[np.ndarray]]:
         return await asyncio.gather(*(one(client, i) for i in range(len(TEXTS))))
 
-    results = run(all_segments, triton_server.grpc_url)
+    results = run(all_segments, one_thread_server.grpc_url)
     peaks = []
     for i, chunks in enumerate(results):
-        line = log_line(triton_server, f"speech-batch-{i}")
+        line = log_line(one_thread_server, f"speech-batch-{i}")
         peaks.append(int(re.search(r"batch_peak=(\d+)", line).group(1)))
         if i in cancelled:
             assert "outcome=cancelled" in line, line
             assert int(re.search(r"codes=(\d+)", line).group(1)) < 900, line
             continue
-        local = list(engines["speech_synth"].synthesize(TEXTS[i], i % 2 == 0, 100 + i))
+        with one_torch_thread():  # as the server runs its codec (VITASERVE_CPU_THREADS=1)
+            local = list(engines["speech_synth"].synthesize(TEXTS[i], i % 2 == 0, 100 + i))
         assert "outcome=done" in line and len(chunks) == len(local), (i, line)
         for remote, expected in zip(chunks, local):
             np.testing.assert_allclose(remote, expected, rtol=0, atol=1e-5)
