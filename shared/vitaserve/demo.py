@@ -1,6 +1,7 @@
 """The embedded default: a local end-to-end conversation (`make demo`).
 
-    python -m vitaserve.demo [--family small|vita15] [--checkpoint DIR] [--image PNG] [--wav WAV] [--out reply.wav]
+    python -m vitaserve.demo [--family small|vita15] [--checkpoint DIR] [--image PNG] [--wav WAV]
+                             [--out reply.wav]
 
 Starts a local Triton with the four models and the orchestrator, then runs a scripted conversation through
 the public gRPC API: an image and a spoken question, then a typed follow-up. Streamed events are printed
@@ -50,7 +51,8 @@ SCRIPTS = {
     # Greedy: the small LLM answers best without sampling, and the demo's answer is then reproducible.
     "small": Script(EXAMPLES / "scene.png", EXAMPLES / "small_question.wav",
                     "Which word did you read in the picture?", 64, 0.0),
-    "vita15": Script(EXAMPLES / "camera.png", EXAMPLES / "question.wav", "And what colour is the roof?", 48, 0.8),
+    "vita15": Script(EXAMPLES / "camera.png", EXAMPLES / "question.wav", "And what colour is the roof?",
+                     48, 0.8),
 }
 
 
@@ -66,11 +68,13 @@ def ensure_tiny_checkpoint(path: Path) -> Path:
 async def converse(address: str, image: bytes, question_pcm16: bytes, script: Script, out: Path) -> int:
     # The demo writes the reply to a WAV file instead of playing it: a lead of an hour lifts the real-time
     # pacing of reply audio (the orchestrator's default for clients that play it).
-    settings = pb.SessionSettings(turn_detection="manual", want_audio=True, max_reply_tokens=script.max_reply_tokens,
-                                  temperature=script.temperature, seed=7, playout_lead_ms=3_600_000)
+    settings = pb.SessionSettings(turn_detection="manual", want_audio=True,
+                                  max_reply_tokens=script.max_reply_tokens, temperature=script.temperature,
+                                  seed=7, playout_lead_ms=3_600_000)
     failures = 0
     async with Conversation.open(address, settings=settings) as conv:
-        print(f"\nsession {conv.session_id} (model family {conv.started.model_family if conv.started else '?'})\n")
+        family = conv.started.model_family if conv.started else "?"
+        print(f"\nsession {conv.session_id} (model family {family})\n")
         turns = [
             ("turn 1: camera image + spoken question", dict(image=image, pcm16=question_pcm16, text=None)),
             ("turn 2: typed follow-up", dict(image=None, pcm16=None, text=script.follow_up)),
@@ -116,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.checkpoint is None:
             print("NOTE: the tiny checkpoint has random weights; the replies below are noise by design.")
     else:
-        print("Model family 'small': Whisper tiny.en, EfficientNet-Lite0 + RapidOCR, SmolLM2-135M-Instruct and "
-              "hibari TTS, weights from their packages (the LLM is converted once into a cache, ~1 min).")
+        print("Model family 'small': Whisper tiny.en, EfficientNet-Lite0 + RapidOCR, SmolLM2-135M-Instruct "
+              "and hibari TTS, weights from their packages (the LLM is converted once into a cache, ~20 s).")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with LocalStack(checkpoint, family=family, work_dir=REPO_ROOT / "var" / f"demo-stack-{family}") as stack:

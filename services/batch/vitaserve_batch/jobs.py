@@ -227,7 +227,8 @@ def _run_item(runtime: WorkerRuntime, job: dict[str, Any], out_dir: Path, row: d
                 tmp_audio = out.write_audio_tmp(out_dir, item_id, token, answer.pcm, answer.sample_rate)
             answer.timings["wall_ms"] = round((time.monotonic() - started) * 1000.0, 1)
             result = {**base, "status": "ok", "text": answer.text, "state_mark": answer.state_mark,
-                      "tokens": answer.tokens, "transcript": answer.transcript, "audio": out.audio_name(item_id) if tmp_audio else None,
+                      "tokens": answer.tokens, "transcript": answer.transcript,
+                      "audio": out.audio_name(item_id) if tmp_audio else None,
                       "audio_tmp": tmp_audio, "audio_ms": audio_ms, "sample_rate": answer.sample_rate,
                       "timings": answer.timings, "retries": retries}
         recorded = store.record(job_id, item_id, result, token=token)

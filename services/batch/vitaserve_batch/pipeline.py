@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vitaserve.components.base import ComponentClient, Encoding, GenerationParams
+from vitaserve.components.base import ComponentClient, GenerationParams
 from vitaserve.errors import Unavailable, VitaserveError
 from vitaserve.families import ModelFamily, TurnContent, get_family
 from vitaserve.models.configs import SPEECH_SAMPLE_RATE
@@ -141,14 +141,9 @@ async def _encode(components: ComponentClient, family: ModelFamily, media: ItemM
         raise Unavailable(f"the encoders did not answer within {timeout_s:g} s") from None
     except BaseExceptionGroup as group_error:
         raise _first_error(group_error) from None
-    encodings: list[Encoding] = list(vision.result()) if vision is not None else []
-    family.check_images(pictures, encodings)
-    spoken = audio.result() if audio is not None else None
-    if spoken is not None:
-        family.check_audio(spoken)
-    n = len(media.images)
-    return TurnContent(text=text, images=tuple(media.images), image_encodings=tuple(encodings[:n]),
-                       frame_encodings=tuple(encodings[n:]), audio=spoken)
+    encodings = vision.result() if vision is not None else []
+    return family.turn_content(text, media.images, media.frames, encodings,
+                               audio.result() if audio is not None else None)
 
 
 async def _speak(components: ComponentClient, family: ModelFamily, text: str, seed: int | None,

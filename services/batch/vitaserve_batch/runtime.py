@@ -37,7 +37,8 @@ def build_components(settings: BatchSettings) -> ComponentClient:
         )
     from vitaserve.components.inprocess import InProcessComponents
 
-    return InProcessComponents(settings.checkpoint_dir, family=settings.model_family)  # checked by the settings
+    # the settings checked that the family has the checkpoint it needs
+    return InProcessComponents(settings.checkpoint_dir, family=settings.model_family)
 
 
 class WorkerRuntime:

@@ -35,4 +35,5 @@ def build_components(config: OrchestratorSettings) -> ComponentClient:
         )
     from vitaserve.components.inprocess import InProcessComponents
 
-    return InProcessComponents(config.checkpoint_dir, family=config.model_family)  # checked by the settings
+    # the settings checked that the family has the checkpoint it needs
+    return InProcessComponents(config.checkpoint_dir, family=config.model_family)

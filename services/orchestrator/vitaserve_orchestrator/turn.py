@@ -13,9 +13,9 @@
 3. generate: the LLM streams tokens; the leading state mark is stripped on the fly (`ReplyCleaner`). A ☟
    (noise) reply is stopped at once and produces no text and no audio, only a done event with mark ☟;
 4. speak: text deltas are sent in order and cut into sentences (the family's `TextSegmenter`); a
-   concurrent task synthesises the segments one after the other while the LLM goes on; its audio is cut into frames of at
-   most `audio_frame_ms` (the outbox paces them, pacing.py), each carrying its segment's text span, a
-   running `seq` and `start_ms`;
+   concurrent task synthesises the segments one after the other while the LLM goes on; its audio is cut
+   into frames of at most `audio_frame_ms` (the outbox paces them, pacing.py), each carrying its
+   segment's text span, a running `seq` and `start_ms`;
 5. done: `ResponseDone` with the timings (from the commit: encode, first token, first audio queued,
    total; tokens, audio ms).
 
@@ -432,7 +432,7 @@ class Response:
     async def _pipeline(self) -> None:
         self.content, encode_ms = await self._encode()
         if self.content.transcript or self.content.descriptions:
-            self._emit(InputTranscript(text=self.content.transcript, image_descriptions=self.content.descriptions))
+            self._emit(InputTranscript(self.content.transcript, self.content.descriptions))
         system = turn_system_prompt(self._family, self._settings, self.content.media_kind)
         request = self._family.llm_request(self._history, self.content, system=system,
                                            max_chars=PROMPT_MAX_CHARS)
@@ -486,14 +486,10 @@ class Response:
             raise ComponentTimeout(
                 late, f"the encoders did not answer within {self._limits.encode_timeout_s:g} s"
             ) from None
-        encodings = vision.result() if vision is not None else []
-        self._family.check_images(pictures, encodings)
-        spoken = audio.result() if audio is not None else None
-        if spoken is not None:
-            self._family.check_audio(spoken)
-        n = len(turn.images)
-        content = TurnContent(text=turn.text, images=turn.images, image_encodings=tuple(encodings[:n]),
-                              frame_encodings=tuple(encodings[n:]), audio=spoken)
+        frames = pictures[len(turn.images):]
+        content = self._family.turn_content(turn.text, turn.images, frames,
+                                            vision.result() if vision is not None else [],
+                                            audio.result() if audio is not None else None)
         return content, (self._clock() - started) * 1000.0
 
     async def _generate(

@@ -105,8 +105,8 @@ class ComponentClient(ABC):
         request_id: str = "",
         session_id: str = "",
     ) -> AsyncIterator[TokenDelta]:
-        """Stream the reply to `prompt` (rendered by the model family: `ModelFamily.llm_request`). For VITA-1.5
-        its `<image>`/`<audio>` placeholders are filled, in order, by the `media` arrays (256 rows per image
+        """Stream the reply to `prompt` (rendered by the model family: `ModelFamily.llm_request`). For
+        VITA-1.5 its `<image>`/`<audio>` placeholders are filled, in order, by the `media` arrays (256 rows per image
         placeholder) and the raw text includes the state mark; a text-only family takes no media."""
 
     async def warm_prefix(self, prompt: str, *, session_id: str, request_id: str = "") -> int:

@@ -297,8 +297,8 @@ class LLMEngine:
                         engine_config: EngineConfig | None = None,
                         after_step: Callable[[], None] | None = None) -> LLMEngine:
         """VITA-1.5's LLM and tokenizer from a checkpoint in the released layout."""
-        return cls(checkpoint.load_llm(dtype, device), checkpoint.tokenizer(), raw_config=checkpoint.raw_config,
-                   engine_config=engine_config, after_step=after_step)
+        return cls(checkpoint.load_llm(dtype, device), checkpoint.tokenizer(),
+                   raw_config=checkpoint.raw_config, engine_config=engine_config, after_step=after_step)
 
     def _stop_ids(self, raw_config: dict[str, Any]) -> frozenset[int]:
         """`<|im_end|>` (the end of a ChatML turn), `<|endoftext|>`, and the tokenizer's and config's eos."""

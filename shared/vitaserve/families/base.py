@@ -123,10 +123,23 @@ class ModelFamily(ABC):
     def segmenter(self) -> TextSegmenter:
         """A fresh segmenter cutting one streamed reply into pieces for speech synthesis."""
 
+    def turn_content(self, text: str, images: Sequence[ImageInput], frames: Sequence[ImageInput],
+                     encodings: Sequence[Encoding], audio: Encoding | None) -> TurnContent:
+        """What the encoders made of a turn: `encodings` answer `[*images, *frames]` in order, `audio` the
+        spoken question. Raises VitaserveError if they do not fit this family (`check_images`,
+        `check_audio`)."""
+        self.check_images([*images, *frames], encodings)
+        if audio is not None:
+            self.check_audio(audio)
+        n = len(images)
+        return TurnContent(text=text, images=tuple(images), image_encodings=tuple(encodings[:n]),
+                           frame_encodings=tuple(encodings[n:]), audio=audio)
+
     def check_images(self, pictures: Sequence[ImageInput], encodings: Sequence[Encoding]) -> None:
         """Raise VitaserveError if the vision encoder's answer does not fit this family."""
         if len(encodings) != len(pictures):
-            raise VitaserveError(f"vision_encoder returned {len(encodings)} encodings for {len(pictures)} images")
+            raise VitaserveError(f"vision_encoder returned {len(encodings)} encodings for "
+                                 f"{len(pictures)} images")
 
     def check_audio(self, encoding: Encoding) -> None:
         """Raise VitaserveError if the audio encoder's answer does not fit this family."""

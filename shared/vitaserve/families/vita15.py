@@ -63,7 +63,8 @@ class Vita15Family(ModelFamily):
     def history_user_text(self, content: TurnContent) -> str:
         """`IMAGE_MARKER` per still image, the typed text, `AUDIO_MARKER` if the question was spoken (the
         spoken words are not known: VITA's path has no speech recognition)."""
-        parts = [IMAGE_MARKER] * len(content.images) + ([clean_history_text(content.text)] if content.text else [])
+        typed = [clean_history_text(content.text)] if content.text else []
+        parts = [IMAGE_MARKER] * len(content.images) + typed
         return " ".join(parts + ([AUDIO_MARKER] if content.audio is not None else []))
 
     def segmenter(self) -> TextSegmenter:
@@ -85,7 +86,8 @@ class Vita15Family(ModelFamily):
         if arr is None and encoding.text:
             raise other_family("audio_encoder", "LLM rows")
         if arr is None or arr.ndim != 2 or arr.shape[0] == 0:
-            raise VitaserveError(f"audio_encoder returned embeddings of shape {None if arr is None else arr.shape}")
+            shape = None if arr is None else arr.shape
+            raise VitaserveError(f"audio_encoder returned embeddings of shape {shape}")
 
     def engine(self, component: str, options: EngineOptions, *,
                after_step: Callable[[], None] | None = None) -> Any:
@@ -115,7 +117,8 @@ class Vita15Family(ModelFamily):
             if "max_streams" in options.params:  # the batch size of a Triton instance
                 config = dataclasses.replace(config, max_batch=options.max_streams)
             codec_workers = int_parameter(options.params, "codec_workers", 1, minimum=1)
-            speech = engines.SpeechEngine(checkpoint, batch_config=config, codec_workers=codec_workers, **common)
+            speech = engines.SpeechEngine(checkpoint, batch_config=config, codec_workers=codec_workers,
+                                          **common)
             # The batcher (its KV buffers and engine thread) starts now, on the loading thread: a budget
             # that cannot fit fails the load, and the first segments do not race to create it.
             speech.batcher  # noqa: B018

@@ -253,7 +253,7 @@ class TextSegmenter:
         self.first_min_chars = int(first_min_chars)
         self.first_commas_to_stops = first_commas_to_stops
         self.first_max_words = first_max_words
-        if self.min_chars < 1 or self.first_min_chars < 1 or (first_max_words is not None and first_max_words < 1):
+        if min(self.min_chars, self.first_min_chars, 1 if first_max_words is None else first_max_words) < 1:
             raise InvalidInput("min_chars, first_min_chars and first_max_words must be >= 1")
         self._words = 0  # words completed in the buffer (counted for the first segment only)
         self._buffer: list[str] = []

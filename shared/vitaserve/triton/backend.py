@@ -115,7 +115,8 @@ def load_settings(args: dict[str, str], spec: ModelSpec) -> tuple[ModelFamily, E
     if max_streams < 1:
         raise RuntimeError(f"model {spec.name!r}: max_streams must be >= 1, got {max_streams}")
     _limit_cpu_threads(spec.name, params.get("cpu_threads") or os.environ.get(ENV_CPU_THREADS, ""), device)
-    return family, EngineOptions(checkpoint_dir, params.get("dtype") or "float32", device, max_streams, params)
+    dtype = params.get("dtype") or "float32"
+    return family, EngineOptions(checkpoint_dir, dtype, device, max_streams, params)
 
 
 def build_engine(component: str, family: ModelFamily, options: EngineOptions, **kwargs: Any) -> Any:

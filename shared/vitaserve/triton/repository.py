@@ -2,9 +2,9 @@
 
 Every `config.pbtxt` is generated from `vitaserve.components.tensors` (names, dtypes, dims, batching,
 decoupled) plus the deployment's choices: instance kind (KIND_CPU here, KIND_GPU on GPU pods), instances
-per model, model family, checkpoint directory and dtype. The `1/model.py` adapters are copied from the checked-in
-repository (`services/triton/model_repository`), which is itself `render_repository` with the defaults
-(a test keeps the two identical).
+per model, model family, checkpoint directory and dtype. The `1/model.py` adapters are copied from the
+checked-in repository (`services/triton/model_repository`), which is itself `render_repository` with the
+defaults (a test keeps the two identical).
 
     python -m vitaserve.triton.repository --out DIR [--kind gpu] [--instances 2] [--family small] \\
         [--checkpoint-dir /models/VITA-1.5] [--dtype bfloat16] [--models llm_decoder,speech_synth] \\
@@ -164,7 +164,8 @@ def render_repository(
         if not adapter.is_file():
             raise FileNotFoundError(f"{adapter}: the model adapter to copy is missing")
         (out / name / "1").mkdir(parents=True, exist_ok=True)
-        config = render_config(MODELS[name], family=family, checkpoint_dir=checkpoint_dir, dtype=dtype, kind=kind,
+        config = render_config(MODELS[name], family=family, checkpoint_dir=checkpoint_dir, dtype=dtype,
+                               kind=kind,
                                instances=instances, max_streams=max_streams, llm_engine=llm_engine,
                                speech_engine=speech_engine)
         (out / name / "config.pbtxt").write_text(config)
@@ -204,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         speech_pairs = [item.split("=", 1) for item in args.speech_engine]
         if any(len(p) != 2 for p in speech_pairs):
             raise ValueError(f"--speech-engine takes KEY=VALUE, got {args.speech_engine}")
-        out = render_repository(args.out, family=args.family, checkpoint_dir=args.checkpoint_dir, dtype=args.dtype, kind=args.kind,
+        out = render_repository(args.out, family=args.family, checkpoint_dir=args.checkpoint_dir,
+                                dtype=args.dtype, kind=args.kind,
                                 instances=args.instances, models=models, max_streams=args.max_streams,
                                 llm_engine=dict(pairs), speech_engine=dict(speech_pairs), source=args.source)
     except (ValueError, FileNotFoundError) as exc:

@@ -82,7 +82,8 @@ class TritonPythonModel:
         self.engine = backend.build_engine(SPEC.name, family, options, after_step=self.responses.flush)
         batcher = self.engine.batcher  # allocates the KV pool now: a budget that does not fit fails the load
         pb_utils.Logger.log_info(f"{SPEC.name}: family {family.name}, KV pool {batcher.pool.capacity_tokens} "
-                                 f"tokens ({batcher.pool.bytes / 2**20:.1f} MiB), {self.engine.engine_config}, "
+                                 f"tokens ({batcher.pool.bytes / 2**20:.1f} MiB), "
+                                 f"{self.engine.engine_config}, "
                                  f"max_tokens_per_response={self.max_tokens_per_response or 'unbounded'}")
         self.detokenizer = lambda: StreamDetokenizer(self.engine.tokenizer)
 
