@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from vitaserve.errors import InvalidInput
+
 COMPONENTS = ("vision_encoder", "audio_encoder", "llm_decoder", "speech_synth")
 
 
@@ -44,6 +46,22 @@ class Encoding:
     @property
     def rows(self) -> int:
         return 0 if self.embeddings is None else int(self.embeddings.shape[0])
+
+
+MAX_SPEECH_TEXT_CHARS = 4000  # one speech_synth segment (a sentence, or a few)
+
+
+def check_speech_request(text: object, seed: object) -> None:
+    """Raise InvalidInput unless `text` is a string of at most MAX_SPEECH_TEXT_CHARS characters and `seed`
+    is None or a 64-bit integer: what every family's speech synthesis accepts."""
+    if not isinstance(text, str):
+        raise InvalidInput(f"text must be a string, got {type(text).__name__}")
+    if len(text) > MAX_SPEECH_TEXT_CHARS:
+        raise InvalidInput(f"text is too long for one segment: {len(text)} characters, "
+                           f"at most {MAX_SPEECH_TEXT_CHARS}")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))
+                             or not -(2**63) <= int(seed) <= 2**63 - 1):
+        raise InvalidInput(f"seed must be None or a 64-bit integer, got {seed!r}")
 
 
 @dataclass(frozen=True)
@@ -106,8 +124,9 @@ class ComponentClient(ABC):
         session_id: str = "",
     ) -> AsyncIterator[TokenDelta]:
         """Stream the reply to `prompt` (rendered by the model family: `ModelFamily.llm_request`). For
-        VITA-1.5 its `<image>`/`<audio>` placeholders are filled, in order, by the `media` arrays (256 rows per image
-        placeholder) and the raw text includes the state mark; a text-only family takes no media."""
+        VITA-1.5 its `<image>`/`<audio>` placeholders are filled, in order, by the `media` arrays (256 rows
+        per image placeholder) and the raw text includes the state mark; a text-only family takes no
+        media."""
 
     async def warm_prefix(self, prompt: str, *, session_id: str, request_id: str = "") -> int:
         """Prefill a text-only `prompt` (the start of the session's next prompt) into the LLM's KV cache

@@ -45,7 +45,7 @@ from vitaserve.batching import (
     TokenSink,
     sequence_keys,
 )
-from vitaserve.components.base import GenerationParams, ImageInput, TokenDelta
+from vitaserve.components.base import GenerationParams, ImageInput, TokenDelta, check_speech_request
 from vitaserve.errors import InvalidInput, VitaserveError
 from vitaserve.models.audio import kaldi_fbank, validate_waveform
 from vitaserve.models.checkpoint import CheckpointDir
@@ -67,7 +67,6 @@ IsCancelled = Callable[[], bool]
 MAX_IMAGE_TILES = 12
 MAX_GENERATION_TOKENS = 8192
 MAX_PROMPT_CHARS = 262_144
-MAX_SPEECH_TEXT_CHARS = 4000
 # Safety bound on speech codes per segment: a trained decoder emits EOS after ~40 codes per second of
 # speech, but untrained (tiny random) weights may never emit it. 15 codes per text token is ~0.4 s of
 # speech per token, far above natural speech; 1000 codes = 25 s is the reference's own cap.
@@ -550,13 +549,7 @@ class SpeechEngine:
         SPEECH_CANCEL_POLL_S; a cancelled segment leaves the batch at the next step and its remaining
         audio is dropped.
         """
-        if not isinstance(text, str):
-            raise InvalidInput(f"text must be a string, got {type(text).__name__}")
-        if len(text) > MAX_SPEECH_TEXT_CHARS:
-            raise InvalidInput(f"text is too long for one segment: {len(text)} characters, "
-                               f"at most {MAX_SPEECH_TEXT_CHARS}")
-        if seed is not None:
-            _check_int(seed, "seed", -(2**63), 2**63 - 1)
+        check_speech_request(text, seed)
         clean = strip_state_marks(text)[0].strip()
         ids = self.tokenizer.encode(clean, add_special_tokens=False) if clean else []
         if not ids:

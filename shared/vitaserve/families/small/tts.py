@@ -21,13 +21,12 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from vitaserve.errors import InvalidInput
+from vitaserve.components.base import check_speech_request
 from vitaserve.models.prompt import strip_state_marks
 
 IsCancelled = Callable[[], bool]
 
 SAMPLE_RATE = 24_000
-MAX_TEXT_CHARS = 4000
 CHUNK_SECONDS = 0.5
 VOICE = "heart"  # bundled in the wheel (Kokoro's af_heart); every other voice is a download
 # Edge trimming: samples below SILENCE_LEVEL are silence; keep this much of it around the speech.
@@ -95,15 +94,8 @@ class SpeechSynthesizer:
         leading silence to FIRST_LEAD_SECONDS. The same `seed` gives bit-identical audio; None draws
         fresh noise.
         """
-        if not isinstance(text, str):
-            raise InvalidInput(f"text must be a string, got {type(text).__name__}")
-        if len(text) > MAX_TEXT_CHARS:
-            raise InvalidInput(f"text is too long for one segment: {len(text)} characters, "
-                               f"at most {MAX_TEXT_CHARS}")
+        check_speech_request(text, seed)
         if seed is not None:
-            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or \
-                    not -(2**63) <= int(seed) <= 2**63 - 1:
-                raise InvalidInput(f"seed must be None or a 64-bit integer, got {seed!r}")
             seed = int(seed) & (2**64 - 1)  # numpy seeds must be non-negative
         clean = strip_state_marks(text)[0].strip()
         return self._chunks(clean, bool(first_sentence), seed, is_cancelled)
