@@ -138,7 +138,9 @@ class Conversation:
 
     async def report_playback(self, response_id: str, played_ms: int) -> None:
         """Tell the server how much of the response's audio has been played (it uses the smaller of this
-        and its own paced estimate for `interrupted.played_ms` and the heard text)."""
+        and its own paced estimate for `interrupted.played_ms` and the heard text). Once the response has
+        finished, this is where playback stopped: the server cuts the turn's history to the text heard by
+        then and answers `history_truncated`."""
         await self.send(pb.ClientEvent(playback=pb.PlaybackPosition(response_id=response_id,
                                                                     played_ms=max(0, int(played_ms)))))
 

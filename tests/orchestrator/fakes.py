@@ -56,6 +56,8 @@ class FakeComponents(ComponentClient):
     speech_gate: (segment index, chunk index, event): synthesis waits there.
     errors: component name -> error raised by that component's next calls.
     hang: components that never answer (to test timeouts).
+    warm_gate: if set, a KV warm-up waits for it (a warm-up still running); one cancelled while waiting is
+      recorded in `warm_cancelled`.
     barrier: encode_images and encode_audio each wait until the other has started (proves the two run
       concurrently: run one after the other, they time out).
     """
@@ -72,9 +74,11 @@ class FakeComponents(ComponentClient):
     transcript: str = ""  # what encode_audio "heard" (a text family's transcript)
     descriptions: tuple[str, ...] = ()  # what encode_images "saw", per image (a text family)
     barrier: bool = False
+    warm_gate: asyncio.Event | None = None
     ready: dict[str, bool] = field(default_factory=lambda: dict.fromkeys(COMPONENTS, True))
     # Records.
     warm_prompts: list[tuple[str, str]] = field(default_factory=list)  # (session id, prompt prefix)
+    warm_cancelled: list[str] = field(default_factory=list)  # prompt prefixes
     image_calls: list[list[ImageInput]] = field(default_factory=list)
     audio_calls: list[np.ndarray] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
@@ -122,6 +126,12 @@ class FakeComponents(ComponentClient):
     async def warm_prefix(self, prompt: str, *, session_id: str, request_id: str = "") -> int:
         """Recorded apart from `generate` (the tests of turns count the LLM streams of turns)."""
         self.warm_prompts.append((session_id, prompt))
+        if self.warm_gate is not None:
+            try:
+                await self.warm_gate.wait()
+            except asyncio.CancelledError:
+                self.warm_cancelled.append(prompt)
+                raise
         return 1
 
     def generate(

@@ -1,6 +1,7 @@
 """Unit tests of the per-stream policy (`Conversation`) over scripted components, without gRPC: turn
-kinds, input checks per event, ordering rules, VAD turns and barge-in with the real Silero VAD, history
-and persistence. test_server.py runs the same rules through a real server and the tiny model."""
+kinds, input checks per event, ordering rules, VAD turns and barge-in with the real Silero VAD, clearing
+the input, history (its edits: a finished reply truncated, turns deleted) and persistence. test_server.py
+runs the same rules through a real server and the tiny model."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from PIL import Image
 
 from vitaserve.families.vita15 import AUDIO_MARKER, IMAGE_MARKER
 from vitaserve_orchestrator import events as ev
-from vitaserve_orchestrator.conversation import Conversation
+from vitaserve_orchestrator.conversation import Conversation, pcm16_to_float
 from vitaserve_orchestrator.outbox import Outbox
 from vitaserve_orchestrator.session import InMemorySessionStore, SettingsUpdate
 from vitaserve_orchestrator.settings import OrchestratorSettings
@@ -387,5 +388,293 @@ def test_settings_update_and_end_session() -> None:
         await asyncio.sleep(0)
         with pytest.raises(Exception, match="does not exist"):
             await h.store.load(conv.session.id)
+
+    run(body())
+
+
+# ---- clearing the input, VAD turns that wait for a commit ----------------------------------------------
+
+
+def test_clear_input_drops_what_waits_for_the_next_turn_but_not_a_running_response() -> None:
+    async def body() -> None:
+        gate = asyncio.Event()
+        h = Harness(FakeComponents(llm_gate=(3, gate)))
+        conv = await h.open()
+        await h.send(ev.TextIn(text="first"))
+        await h.until(ev.TextDelta)
+        await h.send(ev.TextIn(text="forget this", defer_commit=True))
+        await h.send(ev.ImageIn(data=png()))
+        await h.send(ev.AudioIn(pcm16=b"\1\0" * 8000, sample_rate=16000))
+        assert not conv.session.pending.empty()
+        await h.send(ev.ClearInputIn())
+        assert conv.session.pending.empty() and not conv.response.finished
+        gate.set()
+        assert isinstance((await h.until())[-1].event, ev.ResponseDone)  # the response went on
+        assert [t.user for t in conv.session.history] == ["first"]
+        await h.send(ev.CommitIn(event_id="c"))
+        err = (await h.next()).event
+        assert isinstance(err, ev.ErrorEvent) and err.code == "FAILED_PRECONDITION" and err.event_id == "c"
+        await h.send(ev.TextIn(text="fresh"))
+        assert (await h.next()).event == ev.TurnStarted(modality="text", images=0, frames=0)
+        await h.until()
+        assert "forget this" not in h.fake.prompts[-1] and "fresh" in h.fake.prompts[-1]
+        assert h.fake.audio_calls == [] and h.fake.image_calls == []
+
+    run(body())
+
+
+def test_clear_input_drops_the_utterance_in_progress_without_speech_stopped(question_pcm: np.ndarray) -> None:
+    async def body() -> None:
+        h = Harness(FakeComponents(), turn_detection="vad")
+        conv = await h.open()
+        half = question_pcm[: len(question_pcm) // 2]
+        await h.stream_audio(np.concatenate([silence(0.5), half]))
+        assert isinstance((await h.next()).event, ev.SpeechStarted)
+        assert h.queued() == []
+        await h.send(ev.ClearInputIn())
+        await h.stream_audio(silence(1.5))
+        assert h.queued() == [], "no speech_stopped and no turn for a cleared utterance"
+        # The next utterance is detected afresh, at its place in the stream's input audio.
+        at_ms = 500 + len(half) / 16 + 1500
+        await h.stream_audio(np.concatenate([question_pcm, silence(1.0)]))
+        events = await h.until()
+        assert [type(e.event) for e in events[:3]] == [ev.SpeechStarted, ev.SpeechStopped, ev.TurnStarted]
+        assert at_ms - 100 <= events[0].event.audio_start_ms <= at_ms + 100
+        assert abs(events[1].event.audio_end_ms - (at_ms + len(question_pcm) / 16)) < 150
+        assert abs(len(h.fake.audio_calls[0]) - len(question_pcm)) < 0.25 * 16000
+        assert isinstance(events[-1].event, ev.ResponseDone) and conv.session.turns == 1
+
+    run(body())
+
+
+def test_vad_create_response_off_keeps_utterances_for_the_next_commit(question_pcm: np.ndarray) -> None:
+    async def body() -> None:
+        gate = asyncio.Event()
+        fake = FakeComponents(llm_gate=(3, gate))
+        config = make_config(barge_in_enabled=False, max_turn_audio_s=5.0)
+        h = Harness(fake, config, turn_detection="vad", vad_create_response=False)
+        conv = await h.open()
+        assert conv.session.settings.vad_create_response is False
+        utterance = np.concatenate([silence(0.5), question_pcm, silence(1.0)])
+        await h.stream_audio(utterance)
+        got = [(await h.next()).event, (await h.next()).event]
+        assert [type(e) for e in got] == [ev.SpeechStarted, ev.SpeechStopped]
+        assert h.queued() == [] and conv.response is None, "no turn at the end of the utterance"
+        kept = pcm16_to_float(conv.session.pending.audio)
+        assert abs(len(kept) - len(question_pcm)) < 0.25 * 16000
+        # A second utterance would pass the turn's audio limit (5 s): dropped, with an error.
+        await h.stream_audio(utterance)
+        got = [e.event for e in await h.until(ev.ErrorEvent)]
+        assert [type(e) for e in got] == [ev.SpeechStarted, ev.SpeechStopped, ev.ErrorEvent]
+        assert got[-1].code == "INVALID_ARGUMENT" and "utterance was dropped" in got[-1].message
+        assert len(pcm16_to_float(conv.session.pending.audio)) == len(kept)
+        # A typed question that commits takes the kept audio along.
+        await h.send(ev.TextIn(text="Look:"))
+        assert (await h.next()).event == ev.TurnStarted(modality="audio", images=0, frames=0)
+        await h.until(ev.TextDelta)
+        np.testing.assert_array_equal(fake.audio_calls[0], kept)  # exactly the utterance's samples
+        assert "Look:<audio>" in fake.prompts[0]
+        # An utterance that ends while a response runs is dropped, as when responses start by themselves.
+        await h.stream_audio(utterance)
+        await h.until(ev.SpeechStopped)
+        assert conv.session.pending.empty()
+        gate.set()
+        await h.until()
+        # A commit starts the turn with an utterance kept since.
+        await h.stream_audio(utterance)
+        await h.until(ev.SpeechStopped)
+        await h.send(ev.CommitIn())
+        events = await h.until()
+        assert events[0].event.modality == "audio" and isinstance(events[-1].event, ev.ResponseDone)
+        assert len(fake.audio_calls) == 2 and conv.session.pending.empty()
+
+    run(body())
+
+
+# ---- history edits: truncating a finished reply, deleting a turn ------------------------------------
+
+
+async def _text_turn(h: Harness, text: str) -> ev.Envelope:
+    """A text turn to its end; returns its ResponseDone."""
+    await h.send(ev.TextIn(text=text))
+    done = (await h.until())[-1]
+    assert isinstance(done.event, ev.ResponseDone)
+    return done
+
+
+def test_playback_position_of_a_finished_reply_truncates_its_history_turn() -> None:
+    async def body() -> None:
+        # Two segments of 200 ms of audio each: "Hello there." and "How are you?"
+        h = Harness(FakeComponents())
+        conv = await h.open()
+        done = await _text_turn(h, "Greet me")
+        rid, tid = done.response_id, done.turn_id
+
+        async def truncate(played_ms: int) -> ev.Envelope:
+            await h.send(ev.PlaybackIn(response_id=rid, played_ms=played_ms))
+            env = await h.next()
+            assert isinstance(env.event, ev.HistoryTruncated)
+            assert (env.turn_id, env.response_id, env.event.turn_id) == (tid, rid, tid)
+            return env
+
+        # Played to the end (or past it): nothing changes, the answer has the whole reply.
+        assert (await truncate(10_000)).event == ev.HistoryTruncated(tid, 400, "Hello there. How are you?")
+        assert conv.session.history[-1].assistant == "☜Hello there. How are you?"
+        assert len(h.fake.warm_prompts) == 1, "nothing changed: the warm-up stands"
+        # Stopped after the first sentence: history keeps it (state mark included), and it is saved.
+        assert (await truncate(250)).event == ev.HistoryTruncated(tid, 250, "Hello there.")
+        assert conv.session.history[-1].assistant == "☜Hello there."
+        assert conv.session.history[-1].turn_id == tid and conv.session.history[-1].user == "Greet me"
+        assert (await h.store.load(conv.session.id)).history == conv.session.history
+        # Cut further; never lengthened again.
+        assert (await truncate(100)).event == ev.HistoryTruncated(tid, 100, "Hello")
+        assert (await truncate(300)).event == ev.HistoryTruncated(tid, 100, "Hello")
+        assert conv.session.history[-1].assistant == "☜Hello"
+        # The next prompt holds the truncated reply and starts with the latest warm-up.
+        assert len(h.fake.warm_prompts) == 3
+        warm = h.fake.warm_prompts[-1][1]
+        assert "☜Hello<|im_end|>" in warm and "there" not in warm
+        await _text_turn(h, "And then?")
+        assert h.fake.prompts[-1].startswith(warm) and "How are you" not in h.fake.prompts[-1]
+
+    run(body())
+
+
+def test_playback_position_after_an_interruption_cuts_the_heard_text_further() -> None:
+    async def body() -> None:
+        gate = asyncio.Event()
+        fake = FakeComponents(llm_gate=(8, gate),
+                              reply=["☜", " Hello", " there", ".", " How", " are", " you", "?", " Fine", "."])
+        h = Harness(fake)
+        conv = await h.open()
+        await h.send(ev.TextIn(text="talk"))
+        await h.until(ev.AudioOut)
+        await h.until(ev.AudioOut)
+        h.clock.advance(0.3)
+        rid, tid = conv.response.id, conv.response.turn_id
+        # While the response runs, a position is only the client's report: no history change.
+        await h.send(ev.PlaybackIn(response_id=rid, played_ms=5000))
+        assert not any(isinstance(e, ev.HistoryTruncated) for e in h.queued())
+        await h.send(ev.InterruptIn())
+        intr = (await h.until(ev.Interrupted))[-1].event
+        assert intr.heard_text == "Hello there." and conv.session.history[-1].assistant == "☜Hello there."
+        await h.send(ev.PlaybackIn(response_id=rid, played_ms=120))
+        env = await h.next()
+        assert env.event == ev.HistoryTruncated(tid, 120, "Hello") and env.response_id == rid
+        assert conv.session.history[-1].assistant == "☜Hello"
+
+    run(body())
+
+
+def test_playback_position_of_an_unknown_or_older_response_is_an_error() -> None:
+    async def body() -> None:
+        h = Harness(FakeComponents())
+        conv = await h.open()
+        await h.send(ev.PlaybackIn(response_id="resp-none", played_ms=10, event_id="p0"))  # no response yet
+        errors = [(await h.next()).event]
+        first = await _text_turn(h, "one")
+        await _text_turn(h, "two")
+        for rid in ("resp-unknown", first.response_id, ""):
+            await h.send(ev.PlaybackIn(response_id=rid, played_ms=10, event_id="p"))
+        errors += [(await h.next()).event for _ in range(3)]
+        assert all(isinstance(e, ev.ErrorEvent) and e.code == "INVALID_ARGUMENT" for e in errors)
+        assert "can only truncate the last response" in errors[0].message
+        assert [e.event_id for e in errors] == ["p0", "p", "p", "p"]
+        assert [t.assistant for t in conv.session.history] == ["☜Hello there. How are you?"] * 2
+        # The last response's turn no longer last in history (deleted): nothing to truncate either.
+        last = conv.response
+        await h.send(ev.DeleteTurnIn(turn_id=last.turn_id))
+        assert isinstance((await h.next()).event, ev.TurnDeleted)
+        await h.send(ev.PlaybackIn(response_id=last.id, played_ms=10))
+        assert (await h.next()).event.code == "INVALID_ARGUMENT"
+        await _text_turn(h, "still there?")
+
+    run(body())
+
+
+def test_delete_turn_removes_it_from_history_store_and_later_prompts() -> None:
+    async def body() -> None:
+        h = Harness(FakeComponents(reply=["☜", " Noted", "."]))
+        conv = await h.open()
+        for text in ("apples", "bananas", "cherries"):
+            await _text_turn(h, text)
+        assert [t.turn_id for t in conv.session.history] == ["turn-1", "turn-2", "turn-3"]
+        await h.send(ev.DeleteTurnIn(turn_id="turn-2", event_id="d"))
+        env = await h.next()
+        assert env.event == ev.TurnDeleted("turn-2") and env.turn_id == "turn-2"
+        assert [t.user for t in conv.session.history] == ["apples", "cherries"]
+        stored = await h.store.load(conv.session.id)
+        assert [(t.user, t.turn_id) for t in stored.history] == [("apples", "turn-1"), ("cherries", "turn-3")]
+        # A settings update (or a resume) lists the history with the ids.
+        await h.send(ev.UpdateSession())
+        started = (await h.next()).event
+        assert [t.turn_id for t in started.history] == ["turn-1", "turn-3"]
+        # Unknown, already deleted, or no id: NOT_FOUND, and the session goes on.
+        for turn_id in ("turn-2", "turn-9", ""):
+            await h.send(ev.DeleteTurnIn(turn_id=turn_id, event_id=f"x{turn_id}"))
+            err = (await h.next()).event
+            assert isinstance(err, ev.ErrorEvent) and (err.code, err.event_id) == ("NOT_FOUND", f"x{turn_id}")
+        await _text_turn(h, "what fruit?")
+        assert "apples" in h.fake.prompts[-1] and "bananas" not in h.fake.prompts[-1]
+        assert conv.session.history[-1].turn_id == "turn-4"  # ids keep counting
+
+    run(body())
+
+
+def test_deleting_the_last_turn_stops_its_warm_up_and_warms_the_remaining_history() -> None:
+    async def body() -> None:
+        fake = FakeComponents(reply=["☜", " Noted", "."], warm_gate=asyncio.Event())
+        h = Harness(fake)
+        conv = await h.open()
+        await _text_turn(h, "apples")
+        await _text_turn(h, "bananas")
+        while len(fake.warm_prompts) < 2:  # the warm-up of [apples, bananas] is running
+            await asyncio.sleep(0)
+        running = fake.warm_prompts[-1][1]
+        assert "bananas" in running
+        await h.send(ev.DeleteTurnIn(turn_id="turn-2"))
+        assert (await h.next()).event == ev.TurnDeleted("turn-2")
+        await asyncio.sleep(0)
+        assert fake.warm_cancelled[-1] == running, "the warm-up of the old history was stopped"
+        warm = fake.warm_prompts[-1][1]
+        assert "apples" in warm and "bananas" not in warm
+        fake.warm_gate.set()
+        await _text_turn(h, "what fruit?")
+        assert fake.prompts[-1].startswith(warm) and "bananas" not in fake.prompts[-1]
+        # Deleting an older turn changes the prefix too; deleting every turn leaves nothing to warm.
+        await h.send(ev.DeleteTurnIn(turn_id="turn-1"))
+        assert (await h.next()).event == ev.TurnDeleted("turn-1")
+        assert len(fake.warm_prompts) == 5
+        assert "what fruit?" in fake.warm_prompts[-1][1] and "apples" not in fake.warm_prompts[-1][1]
+        await h.send(ev.DeleteTurnIn(turn_id="turn-3"))
+        assert (await h.next()).event == ev.TurnDeleted("turn-3")
+        assert conv.session.history == [] and len(fake.warm_prompts) == 5
+
+    run(body())
+
+
+def test_the_turn_whose_response_runs_cannot_be_deleted_but_earlier_ones_can() -> None:
+    async def body() -> None:
+        h = Harness(FakeComponents())
+        conv = await h.open()
+        await _text_turn(h, "apples")
+        gate = asyncio.Event()
+        h.fake.llm_gate = (3, gate)
+        await h.send(ev.TextIn(text="bananas"))
+        await h.until(ev.TextDelta)
+        await h.send(ev.DeleteTurnIn(turn_id=conv.response.turn_id, event_id="del"))
+        err = (await h.until(ev.ErrorEvent))[-1].event
+        assert err.code == "FAILED_PRECONDITION" and "interrupt the response first" in err.message
+        assert err.event_id == "del" and not conv.response.finished
+        # An earlier turn can go while the response runs; the running one's prompt already had it.
+        await h.send(ev.DeleteTurnIn(turn_id="turn-1"))
+        assert (await h.until(ev.TurnDeleted))[-1].event == ev.TurnDeleted("turn-1")
+        gate.set()
+        await h.until()
+        assert [t.turn_id for t in conv.session.history] == ["turn-2"]
+        warm = h.fake.warm_prompts[-1][1]
+        assert "bananas" in warm and "apples" not in warm
+        await h.send(ev.DeleteTurnIn(turn_id="turn-2"))  # finished now
+        assert (await h.next()).event == ev.TurnDeleted("turn-2") and conv.session.history == []
 
     run(body())

@@ -38,7 +38,7 @@ pytestmark = [
 
 SETTINGS = SessionSettings.resolve(
     SettingsUpdate(turn_detection="manual", seed=7, system_prompt="Réponds en français ✓",
-                   max_reply_tokens=9),
+                   max_reply_tokens=9, vad_create_response=False),
     make_config(),
 )
 
@@ -67,16 +67,26 @@ def make_store(request: pytest.FixtureRequest, redis_server: RedisServer):
 
 def test_record_is_versioned_json_without_media() -> None:
     session = Session(id="sess-1", settings=SETTINGS, tenant="acme", turns=3,
-                      history=[Turn("[image] what is it? [spoken question]", "☞A cat — 猫.")])
+                      history=[Turn("[image] what is it? [spoken question]", "☞A cat — 猫.", "turn-3")])
     session.pending.images.append(object())  # type: ignore[arg-type] - working state: never persisted
     session.pending.audio.extend(b"\0" * 1000)
     raw = session_to_record(session)
     record = json.loads(raw)
     assert record["v"] == RECORD_VERSION
-    assert set(record) == {"v", "id", "tenant", "turns", "settings", "history"}
+    assert set(record) == {"v", "id", "tenant", "turns", "settings", "history", "turn_ids"}
+    # The turn ids sit beside the (user, assistant) pairs, which a replica of an earlier release reads.
+    assert record["history"] == [["[image] what is it? [spoken question]", "☞A cat — 猫."]]
+    assert record["turn_ids"] == ["turn-3"]
     back = session_from_record(raw, frames_kept=4, epoch=5)
     assert (back.id, back.tenant, back.turns, back.epoch) == ("sess-1", "acme", 3, 5)
     assert back.history == session.history and back.settings == SETTINGS
+    # A record written before turns had ids (or saved since by such a replica): empty ids.
+    del record["turn_ids"]
+    assert session_from_record(json.dumps(record), frames_kept=4).history == [
+        Turn("[image] what is it? [spoken question]", "☞A cat — 猫.", turn_id="")
+    ]
+    with pytest.raises(VitaserveError, match="unreadable session record"):
+        session_from_record(json.dumps({**record, "turn_ids": ["a", "b"]}), frames_kept=4)
     assert back.pending.empty() and not back.frames
     with pytest.raises(VitaserveError, match="newer than this replica reads"):
         session_from_record(json.dumps({**record, "v": RECORD_VERSION + 1}), frames_kept=4)
@@ -89,12 +99,13 @@ def test_round_trip_and_namespacing(make_store) -> None:
         store = make_store()
         a = await store.create(SETTINGS, tenant="acme")
         assert a.epoch > 0 and a.tenant == "acme"
-        a.record_turn("hello", "☜Hi!", max_turns=20)
+        a.record_turn("hello", "☜Hi!", turn_id="turn-1", max_turns=20)
         a.turns = 1
         await store.save(a)
         other = make_store()  # another replica
         loaded = await other.load(a.id, tenant="acme")
-        assert loaded.history == [Turn("hello", "☜Hi!")] and loaded.turns == 1 and loaded.settings == SETTINGS
+        assert loaded.history == [Turn("hello", "☜Hi!", "turn-1")] and loaded.turns == 1
+        assert loaded.settings == SETTINGS and not SETTINGS.vad_create_response
         assert loaded.epoch == 0  # a snapshot holds no lease
         # Another tenant's session id is indistinguishable from a missing one.
         with pytest.raises(NotFound) as foreign:

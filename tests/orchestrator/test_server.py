@@ -301,6 +301,105 @@ def test_interrupt_mid_response(components: InProcessComponents) -> None:
     run(body(), timeout=90)
 
 
+# ---- clearing the input, VAD turns that wait for a commit, history edits -------------------------------
+
+
+def test_vad_utterances_wait_for_a_commit_and_clear_input_drops_them(
+    components: InProcessComponents, question_pcm: np.ndarray
+) -> None:
+    async def body() -> None:
+        async with serving(components) as (_, address), grpc.aio.insecure_channel(address) as channel:
+            client = Client(channel)
+            vad = pb.SessionSettings(turn_detection="vad", max_reply_tokens=12, playout_lead_ms=UNPACED_MS,
+                                     vad_create_response=False)
+            settings = (await client.start(settings=vad)).session_started.settings
+            assert settings.HasField("vad_create_response") and not settings.vad_create_response
+            silence = np.zeros(8000, np.float32)
+            utterance = np.concatenate([silence, question_pcm, silence, silence])
+            await client.send_audio(utterance)
+            assert kinds([await client.read(), await client.read()]) == ["speech_started", "speech_stopped"]
+            # The utterance waits as the next turn's audio; clear_input drops it: nothing to commit.
+            await client.send(clear_input=pb.ClearInput())
+            await client.send(event_id="c1", commit=pb.Commit())
+            err = await client.read()
+            assert (err.error.code, err.error.event_id) == ("FAILED_PRECONDITION", "c1"), err
+            # An utterance cleared halfway ends without speech_stopped and is no turn.
+            await client.send_audio(np.concatenate([silence, question_pcm[: len(question_pcm) // 2]]))
+            assert (await client.read()).HasField("speech_started")
+            await client.send(clear_input=pb.ClearInput())
+            await client.send_audio(np.zeros(24000, np.float32))
+            await client.send(event_id="c2", commit=pb.Commit())
+            err = await client.read()  # nothing else came before the commit's error
+            assert (err.error.code, err.error.event_id) == ("FAILED_PRECONDITION", "c2"), err
+            # A kept utterance is answered at the commit.
+            await client.send_audio(utterance)
+            assert kinds([await client.read(), await client.read()]) == ["speech_started", "speech_stopped"]
+            await client.send(commit=pb.Commit())
+            events = await client.until()
+            check_response(events)
+            assert events[0].turn_started.modality == "audio"
+            await client.close()
+            # Unset, the end of an utterance starts a response (and the server says so).
+            other = Client(channel)
+            default = pb.SessionSettings(turn_detection="vad", playout_lead_ms=UNPACED_MS)
+            assert (await other.start(settings=default)).session_started.settings.vad_create_response
+            await other.close()
+
+    run(body(), timeout=90)
+
+
+def test_playback_truncates_a_finished_reply_and_delete_turn_removes_it(
+    components: InProcessComponents,
+) -> None:
+    async def body() -> None:
+        async with serving(components) as (_, address), grpc.aio.insecure_channel(address) as channel:
+            client = Client(channel)
+            await client.start()
+            await client.send(text=pb.TextInput(text="Hello, who are you?"))
+            events = await client.until()
+            done = check_response(events)
+            rid, tid, audio_ms = events[0].response_id, events[0].turn_id, done.timings.audio_ms
+            assert audio_ms > 0 and done.text
+            # Played to the end or past it: nothing changes, the answer has the whole reply.
+            await client.send(playback=pb.PlaybackPosition(response_id=rid, played_ms=audio_ms + 1000))
+            full = await client.read()
+            assert (full.turn_id, full.response_id) == (tid, rid)
+            assert full.history_truncated == pb.HistoryTruncated(turn_id=tid, played_ms=audio_ms,
+                                                                 heard_text=done.text)
+            # Stopped halfway: the history turn keeps the text heard by then.
+            await client.send(playback=pb.PlaybackPosition(response_id=rid, played_ms=audio_ms // 2))
+            cut = (await client.read()).history_truncated
+            assert cut.turn_id == tid and cut.played_ms == audio_ms // 2
+            assert done.text.startswith(cut.heard_text) and len(cut.heard_text) < len(done.text)
+            stale = pb.PlaybackPosition(response_id="resp-old", played_ms=1)
+            await client.send(event_id="old", playback=stale)
+            err = await client.read()
+            assert (err.error.code, err.error.event_id) == ("INVALID_ARGUMENT", "old")
+            assert "can only truncate the last response" in err.error.message
+            await client.close()
+            assert await client.drain() == []
+            # Resumed elsewhere: the history turn with its id and the cut reply; then deleted.
+            again = Client(channel)
+            history = (await again.start(session_id=client.session_id, settings=None)).session_started.history
+            assert [(t.turn_id, t.assistant, t.state_mark) for t in history] == [
+                (tid, cut.heard_text, done.state_mark)
+            ]
+            await again.send(delete_turn=pb.DeleteTurn(turn_id=tid))
+            deleted = await again.read()
+            assert deleted.turn_deleted == pb.TurnDeleted(turn_id=tid) and deleted.turn_id == tid
+            await again.send(event_id="gone", delete_turn=pb.DeleteTurn(turn_id=tid))
+            err = await again.read()
+            assert (err.error.code, err.error.event_id) == ("NOT_FOUND", "gone")
+            await again.send(session_update=pb.SessionUpdate())
+            assert (await again.read()).session_started.history_turns == 0
+            await again.send(text=pb.TextInput(text="Still there?"))
+            check_response(await again.until())
+            await again.close()
+            assert await again.drain() == []
+
+    run(body(), timeout=90)
+
+
 # ---- bad input, unknown sessions, components down --------------------------------------------------
 
 

@@ -74,8 +74,10 @@ def test_session_settings_defaults_and_checks() -> None:
         1000,
     )
     assert s.speech_out and s.max_reply_tokens == 512 and s.seed is None and s.system_prompt is None
+    assert s.vad_create_response  # unset: the end of an utterance starts a response
     s = SessionSettings.resolve(SettingsUpdate(turn_detection="manual", text_only=True, seed=7), config)
     assert s.turn_detection == "manual" and not s.speech_out and s.seed == 7
+    assert not SessionSettings.resolve(SettingsUpdate(vad_create_response=False), config).vad_create_response
     for bad in (
         SettingsUpdate(turn_detection="auto"),
         SettingsUpdate(vad_threshold=1.2),
@@ -126,8 +128,19 @@ def test_history_policy_keeps_text_only_and_prompts_stay_valid() -> None:
     build_prompt([(user, reply)], "next")
     session = Session(id="s", settings=SessionSettings.resolve(None, make_config()), frames_kept=3)
     for i in range(5):
-        session.record_turn(f"q{i}", f"a{i}", max_turns=2)
+        session.record_turn(f"q{i}", f"a{i}", turn_id=f"turn-{i + 1}", max_turns=2)
     assert [t.user for t in session.history] == ["q3", "q4"]
+    assert [t.turn_id for t in session.history] == ["turn-4", "turn-5"]
+    # A turn is deleted by its id, user and assistant together; one not in history is NOT_FOUND.
+    session.history.insert(0, Turn("kept before ids", "a"))
+    for missing in ("turn-1", "turn-9", ""):
+        with pytest.raises(NotFound, match="not in the session's history"):
+            session.delete_turn(missing)
+    session.delete_turn("turn-4")
+    assert [(t.user, t.assistant) for t in session.history] == [("kept before ids", "a"), ("q4", "a4")]
+    assert session.last_turn_id() == "turn-5"
+    session.delete_turn("turn-5")
+    assert session.last_turn_id() == ""
     for i in range(5):
         session.add_frame(Frame(b"%d" % i, float(i), received_s=float(i)))
     assert [f.data for f in session.frames] == [b"2", b"3", b"4"]
@@ -163,8 +176,11 @@ def test_record_round_trip_keeps_the_barge_in_policy_and_reads_older_records() -
     back = session_from_record(session_to_record(session), frames_kept=4)
     assert back.settings == settings and isinstance(back.settings.barge_in, BargeInConfig)
     assert back.history == session.history and back.tenant == "acme" and back.turns == 2
-    # a record written before the barge-in fields existed reads with their defaults
-    record = json.loads(session_to_record(session))
+    # a record written before the barge-in fields (or vad_create_response) existed reads with their defaults
+    no_vad_turns = replace(session, settings=replace(settings, vad_create_response=False))
+    record = json.loads(session_to_record(no_vad_turns))
     del record["settings"]["barge_in"], record["settings"]["playout_lead_ms"]
+    del record["settings"]["vad_create_response"]
     older = session_from_record(json.dumps(record), frames_kept=4)
     assert older.settings.barge_in == BargeInConfig() and older.settings.temperature == settings.temperature
+    assert older.settings.vad_create_response

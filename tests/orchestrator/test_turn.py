@@ -147,7 +147,11 @@ def test_text_turn_streams_text_then_audio_in_order() -> None:
         t = done.timings
         assert t.tokens == 8 and t.audio_ms == 400
         assert 0 < t.first_token_ms <= t.first_audio_ms <= t.total_ms
-        assert h.outcomes == [Outcome("done", text, "☜")]
+        assert h.outcomes == [Outcome("done", text, "☜", played_ms=400)]  # all of its audio
+        # Where the client stopped playing the finished reply: the outcome is cut to what it heard.
+        assert h.response.truncate(400) is h.outcomes[0] and h.response.truncate(10_000) is h.outcomes[0]
+        assert h.response.truncate(250) == Outcome("done", "Hello there.", "☜", played_ms=250)
+        assert h.response.outcome == Outcome("done", "Hello there.", "☜", played_ms=250)
         assert not h.fake.llm_streams[0].closed and h.fake.llm_streams[0].finished
 
     run(body())
@@ -321,8 +325,11 @@ def test_interrupt_closes_llm_and_speech_and_reports_what_was_heard() -> None:
         assert [type(e.event) for e in rest] == [Interrupted]
         intr = rest[0].event
         assert intr.played_ms == 200 and intr.heard_text == "Hello there." and intr.reason == "client"
-        assert h.outcomes == [Outcome("interrupted", "Hello there.", "☜")]
+        assert h.outcomes == [Outcome("interrupted", "Hello there.", "☜", played_ms=200)]
         assert not await h.response.interrupt("client")  # already finished
+        # A later position cuts what was heard further, never lengthens it.
+        assert h.response.truncate(100) == Outcome("interrupted", "Hello", "☜", played_ms=100)
+        assert h.response.truncate(300).text == "Hello"
 
     run(body())
 
@@ -362,6 +369,8 @@ def test_component_unavailable_ends_the_turn_with_a_retryable_error() -> None:
         err = events[-1].event
         assert isinstance(err, ErrorEvent) and err.code == "UNAVAILABLE" and err.retryable
         assert "down" in err.message and h.outcomes == [Outcome("error")]
+        with pytest.raises(RuntimeError, match="no finished reply"):
+            h.response.truncate(0)
 
     run(body())
 

@@ -5,7 +5,10 @@
   `VitaserveError` that `dispatch` reports as an `ErrorEvent`, and the session goes on;
 - what waits for the next turn (text, images, push-to-talk audio) and the camera frame ring;
 - turn detection: text turns (a `TextIn` commits unless deferred), push-to-talk (`manual` + `CommitIn`),
-  and VAD turns (`vad`: the `Endpointer` reports speech start/stop; the end of an utterance commits it);
+  and VAD turns (`vad`: the `Endpointer` reports speech start/stop; the end of an utterance commits it,
+  or, with the session's `vad_create_response` off, becomes pending push-to-talk audio for the next
+  commit). `ClearInputIn` drops what is pending and the utterance in progress (unannounced: no speech
+  stopped);
 - turn ordering: one response at a time. A new turn (typed text, a commit) while a response runs
   interrupts it (reason `new_turn`) when the session's barge-in policy is enabled, else it is
   FAILED_PRECONDITION; an utterance the VAD ends while a response still runs is dropped (bargein.py);
@@ -13,11 +16,14 @@
   holds the reply audio while the user may be interrupting, releases it after a false interruption, and
   interrupts the response (reason `barge_in`) once the speech meets the policy;
 - interruption on request (`InterruptIn`), playback reports, settings changes and the end of the session;
+- history edits: a playback report for the last response after it finished cuts its history turn to what
+  was heard there (`HistoryTruncated`), and `DeleteTurnIn` removes a turn (`TurnDeleted`). An edit stops
+  a KV warm-up of the old history and, when no response runs, warms the new one;
 - history and persistence: a finished response updates the history (session.py's policy) and the
-  session is saved to the store at turn boundaries, on settings changes and when the stream ends. The
-  transport asks `before_send` before sending a turn's end (response_done, interrupted): it goes out once
-  that turn's history is saved, so a turn the client saw completed survives a replica crash. A save that
-  fails (store down) is an `ErrorEvent` and the stream goes on;
+  session is saved to the store at turn boundaries, on settings changes, after history edits and when
+  the stream ends. The transport asks `before_send` before sending a turn's end (response_done,
+  interrupted): it goes out once that turn's history is saved, so a turn the client saw completed
+  survives a replica crash. A save that fails (store down) is an `ErrorEvent` and the stream goes on;
 - the stream's lease on its session (lease.py): when a newer stream claims the session (the client
   reconnected elsewhere), this one stops without writing anything more and `superseded` is set (the
   servicer ends the RPC with ABORTED).
@@ -35,6 +41,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 from opentelemetry import context as otel_context
@@ -49,10 +56,13 @@ from vitaserve_orchestrator.auth import Tenant
 from vitaserve_orchestrator.bargein import BargeInPolicy
 from vitaserve_orchestrator.events import (
     AudioIn,
+    ClearInputIn,
     ClientEvent,
     CommitIn,
+    DeleteTurnIn,
     EndSessionIn,
     Envelope,
+    HistoryTruncated,
     ImageIn,
     Interrupted,
     InterruptIn,
@@ -62,6 +72,7 @@ from vitaserve_orchestrator.events import (
     SpeechStarted,
     SpeechStopped,
     TextIn,
+    TurnDeleted,
     TurnStarted,
     UpdateSession,
     VideoFrameIn,
@@ -109,6 +120,11 @@ def pcm16_to_float(pcm16: bytes | bytearray) -> np.ndarray:
     return np.frombuffer(bytes(pcm16), dtype="<i2").astype(np.float32) / 32768.0
 
 
+def float_to_pcm16(pcm: np.ndarray) -> bytes:
+    """float32 in [-1, 1) -> 16-bit little-endian PCM: the exact inverse of `pcm16_to_float`."""
+    return np.clip(np.round(np.asarray(pcm, np.float32) * 32768.0), -32768, 32767).astype("<i2").tobytes()
+
+
 class Conversation:
     """One Converse stream bound to one session (see the module docstring)."""
 
@@ -147,6 +163,7 @@ class Conversation:
         self._ended = False
         self._saving: asyncio.Task[None] | None = None  # the save of the last finished turn
         self._warming: asyncio.Task[None] | None = None  # the KV warm-up for the next turn
+        self._next_media_kind: str | None = None  # the next turn's media, as the warm-up guesses it
         self.superseded: SessionSuperseded | None = None  # set when a newer stream took the session
         self._lease = StreamLease(
             store, session, interval_s=config.stream_lease_s / 3, on_lost=self._on_superseded
@@ -311,8 +328,11 @@ class Conversation:
         elif isinstance(event, InterruptIn):
             await self._on_interrupt(event)
         elif isinstance(event, PlaybackIn):
-            if self._response is not None and self._response.id == event.response_id:
-                self._response.playout.client_played_ms = max(0, int(event.played_ms))
+            await self._on_playback(event)
+        elif isinstance(event, ClearInputIn):
+            self._on_clear_input()
+        elif isinstance(event, DeleteTurnIn):
+            await self._on_delete_turn(event)
         elif isinstance(event, UpdateSession):
             await self._on_update(event)
         elif isinstance(event, EndSessionIn):
@@ -357,6 +377,50 @@ class Conversation:
         if event.response_id and event.response_id != response.id:
             return
         await response.interrupt("client")
+
+    def _on_clear_input(self) -> None:
+        self.session.pending.clear()
+        # The next audio creates a fresh endpointer: the utterance in progress is forgotten, unannounced.
+        self._drop_endpointer(announce=False)
+
+    async def _on_playback(self, event: PlaybackIn) -> None:
+        response = self._response
+        if response is not None and response.id == event.response_id and not response.finished:
+            response.playout.client_played_ms = max(0, int(event.played_ms))
+            return
+        before = response.outcome if response is not None and response.id == event.response_id else None
+        if (
+            response is None
+            or before is None
+            or before.kind not in ("done", "interrupted")
+            or self.session.last_turn_id() != response.turn_id
+        ):
+            raise InvalidInput(
+                f"no finished reply of response {event.response_id!r} in history: a playback position after "
+                "a response finished can only truncate the last response, while its turn is the last one kept"
+            )
+        outcome = response.truncate(max(0, int(event.played_ms)))
+        if outcome is not before:
+            self.session.history[-1] = replace(
+                self.session.history[-1], assistant=history_reply_text(outcome.state_mark, outcome.text)
+            )
+            self._history_edited()
+            await self._save()
+        self._outbox.put(
+            HistoryTruncated(response.turn_id, round(outcome.played_ms), outcome.text),
+            turn_id=response.turn_id,
+            response_id=response.id,
+        )
+
+    async def _on_delete_turn(self, event: DeleteTurnIn) -> None:
+        if self._active() and self._response is not None and self._response.turn_id == event.turn_id:
+            raise FailedPrecondition(
+                f"turn {event.turn_id!r} has a running response: interrupt the response first"
+            )
+        self.session.delete_turn(event.turn_id)
+        self._history_edited()
+        await self._save()
+        self._outbox.put(TurnDeleted(event.turn_id), turn_id=event.turn_id)
 
     async def _on_text(self, event: TextIn) -> None:
         check_text(event.text, what="text", max_chars=self._config.max_text_chars)
@@ -410,15 +474,18 @@ class Conversation:
         self._audio_at = self._clock()
         self._audio_in_ms += size / 2 * 1000.0 / SAMPLE_RATE
         if self.session.settings.turn_detection == "manual":
-            pending = self.session.pending.audio
-            limit = int(self._config.max_turn_audio_s * SAMPLE_RATE) * 2
-            if len(pending) + size > limit:
-                raise InvalidInput(
-                    f"the turn's audio would exceed {self._config.max_turn_audio_s:g} s: commit first"
-                )
-            pending.extend(event.pcm16)
+            self._add_pending_audio(event.pcm16)
             return
         await self._on_vad_audio(pcm16_to_float(event.pcm16), size)
+
+    def _add_pending_audio(self, pcm16: bytes) -> None:
+        pending = self.session.pending.audio
+        limit = int(self._config.max_turn_audio_s * SAMPLE_RATE) * 2
+        if len(pending) + len(pcm16) > limit:
+            raise InvalidInput(
+                f"the turn's audio would exceed {self._config.max_turn_audio_s:g} s: commit first"
+            )
+        pending.extend(pcm16)
 
     async def _endpointer_for_stream(self, new_samples: int) -> Endpointer:
         if self._endpointer is None:
@@ -437,8 +504,10 @@ class Conversation:
             self._vad_base_ms = int(round(self._audio_in_ms - new_samples * 1000.0 / SAMPLE_RATE))
         return self._endpointer
 
-    def _drop_endpointer(self) -> None:
-        if self._endpointer is not None and self._endpointer.in_speech:
+    def _drop_endpointer(self, *, announce: bool = True) -> None:
+        """Forget the endpointer (the next audio creates a fresh one) and its barge-in policy. `announce`:
+        an utterance in progress ends with a `SpeechStopped`; else it is dropped silently."""
+        if announce and self._endpointer is not None and self._endpointer.in_speech:
             self._outbox.put(
                 SpeechStopped(self._vad_base_ms + self._endpointer.position_ms),
                 turn_id=self.session.turn_id(),
@@ -499,7 +568,17 @@ class Conversation:
                     # is off): not a turn (bargein.py).
                     log.info("session %s: utterance during a response dropped", self.session.id)
                     continue
+                if not self.session.settings.vad_create_response:
+                    self._keep_utterance(vad_event.pcm)
+                    continue
                 await self._commit(audio=vad_event.pcm)
+
+    def _keep_utterance(self, pcm: np.ndarray) -> None:
+        """`vad_create_response` off: the utterance waits for the next commit as push-to-talk audio."""
+        try:
+            self._add_pending_audio(float_to_pcm16(pcm))
+        except InvalidInput as exc:  # over the turn's audio limit: this utterance is dropped
+            self.report(InvalidInput(f"{exc.message} (an utterance was dropped)"))
 
     # ---- turns ----------------------------------------------------------------------------------
 
@@ -571,25 +650,28 @@ class Conversation:
             self.session.record_turn(
                 self._family.history_user_text(response.content),
                 history_reply_text(outcome.state_mark, outcome.text),
+                turn_id=response.turn_id,
                 max_turns=self._config.max_history_turns,
             )
-            if self._config.prefix_warmup and not self._ended:
-                self._warm_next_turn(response.turn, response.id)
+            # The system prompt depends on the next turn's media, so the warm-up guesses it: camera frames
+            # keep coming (a turn with frames is followed by one with frames: 'video'); a still image is
+            # sent once and follow-up questions come without it (None).
+            self._next_media_kind = "video" if response.turn.frames else None
+            self._warm_next_turn(f"{response.id}-warm")
         if not self._ended:
             self._saving = self._tasks.spawn(self._save_reporting(), "save")
 
     # ---- KV-cache warm-up for the next turn -------------------------------------------------------
 
-    def _warm_next_turn(self, turn: TurnInput, response_id: str) -> None:
-        """Prefill the start of the next prompt (system prompt + the history just recorded) while the user
-        listens and thinks. The next prompt repeats this turn as text, not the media the model saw, so
-        without this the session's cached KV would match only up to this turn's media. Best effort:
-        cancelled when the next turn starts or the stream ends; a failure only costs the reuse."""
-        # The system prompt depends on the next turn's media, so guess it: camera frames keep coming
-        # (a turn with frames is followed by one with frames: 'video'); a still image is sent once and
-        # follow-up questions come without it (None).
-        media_kind = "video" if turn.frames else None
-        system = turn_system_prompt(self._family, self.session.settings, media_kind)
+    def _warm_next_turn(self, request_id: str) -> None:
+        """Prefill the start of the next prompt (system prompt + the history as it is now) while the user
+        listens and thinks. The next prompt repeats the last turn as text, not the media the model saw, so
+        without this the session's cached KV would match only up to that turn's media. Best effort:
+        cancelled when the next turn starts, the history is edited or the stream ends; a failure only
+        costs the reuse."""
+        if not self._config.prefix_warmup or self._ended:
+            return
+        system = turn_system_prompt(self._family, self.session.settings, self._next_media_kind)
         try:
             prefix = self._family.next_turn_prefix(self.session.history, system=system,
                                                    max_chars=PROMPT_MAX_CHARS)
@@ -597,7 +679,15 @@ class Conversation:
             log.debug("session %s: no KV warm-up: %s", self.session.id, exc)
             return
         self._stop_warming()
-        self._warming = self._tasks.spawn(self._warm(prefix, f"{response_id}-warm"), "warm-prefix")
+        self._warming = self._tasks.spawn(self._warm(prefix, request_id), "warm-prefix")
+
+    def _history_edited(self) -> None:
+        """The history changed between turns: a warm-up of the old one would prefill a prefix the next
+        prompt no longer starts with (the cache reuses only exact prefixes, so it would only waste the
+        work): stop it, and warm the new history unless a response runs (its end warms it)."""
+        self._stop_warming()
+        if not self._active() and self.session.history:
+            self._warm_next_turn(f"warm-{uuid.uuid4().hex}")
 
     async def _warm(self, prefix: str, request_id: str) -> None:
         if self._session_span is not None:  # the warm-up belongs to the session's trace, not the turn's

@@ -8,8 +8,9 @@ The event class decides delivery (as in pipecat's frame kinds):
 - data events (`DATA_EVENTS`: text deltas, audio, the done event) and errors carrying a response id belong
   to one response; once that response is interrupted they are dropped, queued or not (`GATED_EVENTS`, the
   response id gate of `outbox.Outbox`);
-- every other event (speech started/stopped, interrupted, errors about a client event, ...) is always
-  delivered, in order, and never waits behind a response's paced audio (outbox.py, pacing.py).
+- every other event (speech started/stopped, interrupted, history changes, errors about a client event,
+  ...) is always delivered, in order, and never waits behind a response's paced audio (outbox.py,
+  pacing.py).
 """
 
 from __future__ import annotations
@@ -75,6 +76,10 @@ class InterruptIn:
 
 @dataclass(frozen=True, kw_only=True)
 class PlaybackIn:
+    """The client's playback position in a response's audio: while it runs, what was played so far; once
+    it finished (the stream's last response, its turn last in history), where the client stopped: the
+    history turn is cut to what was heard there (`HistoryTruncated`)."""
+
     response_id: str
     played_ms: int
     event_id: str = ""
@@ -82,6 +87,22 @@ class PlaybackIn:
 
 @dataclass(frozen=True, kw_only=True)
 class EndSessionIn:
+    event_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClearInputIn:
+    """Drop what waits for the next turn (text, images, push-to-talk audio) and the utterance in progress
+    (VAD); not a running response, the history or the camera frames."""
+
+    event_id: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeleteTurnIn:
+    """Remove the history turn `turn_id` (answered by `TurnDeleted`)."""
+
+    turn_id: str
     event_id: str = ""
 
 
@@ -95,6 +116,8 @@ ClientEvent = (
     | InterruptIn
     | PlaybackIn
     | EndSessionIn
+    | ClearInputIn
+    | DeleteTurnIn
 )
 
 # ------------------------------------------------------------------------------------------------
@@ -188,6 +211,21 @@ class Interrupted:
 
 
 @dataclass(frozen=True)
+class HistoryTruncated:
+    """The history turn `turn_id` now keeps `heard_text`, the reply heard by `played_ms` of its audio (the
+    position the kept text reflects: the reported one, at most what the response sent)."""
+
+    turn_id: str
+    played_ms: int
+    heard_text: str
+
+
+@dataclass(frozen=True)
+class TurnDeleted:
+    turn_id: str
+
+
+@dataclass(frozen=True)
 class ErrorEvent:
     code: str  # a grpc.StatusCode name
     message: str
@@ -205,6 +243,8 @@ ServerEvent = (
     | AudioOut
     | ResponseDone
     | Interrupted
+    | HistoryTruncated
+    | TurnDeleted
     | ErrorEvent
 )
 

@@ -76,6 +76,7 @@ def settings_from_proto(msg: pb.SessionSettings) -> SettingsUpdate:
         text_only=msg.text_only,
         barge_in=barge_in_from_proto(msg.barge_in) if msg.HasField("barge_in") else None,
         playout_lead_ms=msg.playout_lead_ms if msg.HasField("playout_lead_ms") else None,
+        vad_create_response=msg.vad_create_response if msg.HasField("vad_create_response") else None,
     )
 
 
@@ -110,6 +111,10 @@ def client_event_from_proto(msg: pb.ClientEvent) -> ev.ClientEvent:
         )
     if kind == "end_session":
         return ev.EndSessionIn(event_id=eid)
+    if kind == "clear_input":
+        return ev.ClearInputIn(event_id=eid)
+    if kind == "delete_turn":
+        return ev.DeleteTurnIn(turn_id=msg.delete_turn.turn_id, event_id=eid)
     raise InvalidInput("the ClientEvent carries no event")
 
 
@@ -129,7 +134,9 @@ def barge_in_to_proto(b: BargeInConfig) -> pb.BargeInSettings:
 
 def history_to_proto(turn: Turn) -> pb.HistoryTurn:
     mark = turn.assistant[:1] if turn.assistant[:1] in STATE_MARKS else ""
-    return pb.HistoryTurn(user=turn.user, assistant=turn.assistant[len(mark) :], state_mark=mark)
+    return pb.HistoryTurn(
+        user=turn.user, assistant=turn.assistant[len(mark) :], state_mark=mark, turn_id=turn.turn_id
+    )
 
 
 def settings_to_proto(s: SessionSettings) -> pb.SessionSettings:
@@ -146,6 +153,7 @@ def settings_to_proto(s: SessionSettings) -> pb.SessionSettings:
         text_only=not s.speech_out,
         barge_in=barge_in_to_proto(s.barge_in),
         playout_lead_ms=s.playout_lead_ms,
+        vad_create_response=s.vad_create_response,
     )
 
 
@@ -213,6 +221,12 @@ def server_event_to_proto(env: ev.Envelope) -> pb.ServerEvent:
                 policy_met_ms=e.policy_met_ms,
             )
         )
+    elif isinstance(e, ev.HistoryTruncated):
+        out.history_truncated.CopyFrom(
+            pb.HistoryTruncated(turn_id=e.turn_id, played_ms=e.played_ms, heard_text=e.heard_text)
+        )
+    elif isinstance(e, ev.TurnDeleted):
+        out.turn_deleted.turn_id = e.turn_id
     elif isinstance(e, ev.ErrorEvent):
         out.error.CopyFrom(
             pb.ErrorEvent(code=e.code, message=e.message, event_id=e.event_id, retryable=e.retryable)

@@ -9,7 +9,9 @@ fails in tests already. Both stores keep exactly the persisted record (`session_
 the in-memory store sees what a reconnect to another replica would see.
 
 What is persisted (the versioned JSON record, `RECORD_VERSION`): id, tenant, turn counter, settings and
-history. Nothing else: large media are never stored.
+history (the (user, assistant) pairs, and the turn ids in a list of their own beside them, so a replica of
+an earlier release still reads the record). Nothing else: large media are never stored. Fields added later
+read with their defaults from older records: settings fields, and turn ids (empty).
 
 History policy (what later turns see):
 - only text is kept: media bytes are never stored in history. A turn's user content is what the model
@@ -18,7 +20,9 @@ History policy (what later turns see):
   the user message as its LLM read it (image descriptions and the transcript);
 - the assistant content is the reply as generated, state mark included (what `build_prompt` expects);
   an interrupted reply is cut to the text the user heard;
-- noise turns (reply mark ☟) are not kept; at most `max_history_turns` recent turns are kept.
+- noise turns (reply mark ☟) are not kept; at most `max_history_turns` recent turns are kept;
+- each kept turn has the id its events carried (`Turn.turn_id`), by which a client deletes it
+  (`delete_turn`) and a finished reply is cut to what the client played (conversation.py).
 Camera frames and media waiting for the next turn (images, push-to-talk audio, deferred text) are working
 state of the live stream, bounded (`frames_kept`, `max_pending_images`, `max_turn_audio_s`) and kept in
 that replica's memory only: a stream that reconnects starts with no pending media and no frames.
@@ -76,6 +80,7 @@ class SettingsUpdate:
     text_only: bool = False
     barge_in: BargeInUpdate | None = None
     playout_lead_ms: int | None = None  # None = the server default
+    vad_create_response: bool | None = None  # None = True
 
 
 @dataclass(frozen=True)
@@ -87,6 +92,8 @@ class SessionSettings:
     seed: None = a fresh random seed per reply. system_prompt: None = the model's default for the media.
     barge_in: the interruption policy (bargein.py). playout_lead_ms: how far ahead of real time reply audio
       is sent (pacing.py).
+    vad_create_response: in "vad" mode, the end of an utterance starts a response (True) or its audio waits
+      for the next commit as pending push-to-talk audio (False).
     """
 
     turn_detection: str
@@ -100,6 +107,7 @@ class SessionSettings:
     system_prompt: str | None
     barge_in: BargeInConfig = field(default_factory=BargeInConfig)
     playout_lead_ms: int = 300
+    vad_create_response: bool = True
 
     def __post_init__(self) -> None:
         # A store that keeps settings as plain data (e.g. JSON) hands the policy back as a dict.
@@ -143,6 +151,7 @@ class SessionSettings:
             system_prompt=u.system_prompt or None,
             barge_in=BargeInConfig.resolve(u.barge_in, config),
             playout_lead_ms=lead,
+            vad_create_response=True if u.vad_create_response is None else u.vad_create_response,
         )
 
 
@@ -212,10 +221,23 @@ class Session:
         fresh = [f for f in self.frames if now_s - f.received_s <= max_age_s]
         return fresh[-n:]
 
-    def record_turn(self, user: str, assistant: str, *, max_turns: int) -> None:
-        self.history.append(Turn(user=user, assistant=assistant))
+    def record_turn(self, user: str, assistant: str, *, turn_id: str = "", max_turns: int) -> None:
+        self.history.append(Turn(user=user, assistant=assistant, turn_id=turn_id))
         if len(self.history) > max_turns:
             del self.history[: len(self.history) - max_turns]
+
+    def delete_turn(self, turn_id: str) -> None:
+        """Remove the history turn `turn_id` (user and assistant together); `NotFound` if the history has
+        none (never kept, trimmed, deleted, or an empty id: turns kept before turns had ids)."""
+        for i, turn in enumerate(self.history):
+            if turn_id and turn.turn_id == turn_id:
+                del self.history[i]
+                return
+        raise NotFound(f"turn {turn_id!r} is not in the session's history")
+
+    def last_turn_id(self) -> str | None:
+        """The id of the newest history turn (None: empty history)."""
+        return self.history[-1].turn_id if self.history else None
 
 
 def history_reply_text(state_mark: str, text: str) -> str:
@@ -251,6 +273,7 @@ def session_to_record(session: Session) -> str:
         "turns": session.turns,
         "settings": asdict(session.settings),
         "history": [[t.user, t.assistant] for t in session.history],
+        "turn_ids": [t.turn_id for t in session.history],  # apart: earlier releases read "history" as pairs
     }
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
@@ -271,12 +294,20 @@ def session_from_record(raw: str | bytes, *, frames_kept: int, epoch: int = 0) -
         values = record["settings"]
         # A record written before a settings field existed reads with that field's default.
         settings = SessionSettings(**{name: values[name] for name in _SETTINGS_FIELDS if name in values})
+        pairs = record["history"]
+        # Records written before turns had ids (or by such a replica since) have none: empty ids.
+        turn_ids = record.get("turn_ids") or [""] * len(pairs)
+        if len(turn_ids) != len(pairs):
+            raise ValueError(f"{len(turn_ids)} turn ids for {len(pairs)} history turns")
         return Session(
             id=str(record["id"]),
             settings=settings,
             frames_kept=frames_kept,
             tenant=str(record["tenant"]),
-            history=[Turn(user=str(u), assistant=str(a)) for u, a in record["history"]],
+            history=[
+                Turn(user=str(u), assistant=str(a), turn_id=str(t))
+                for (u, a), t in zip(pairs, turn_ids, strict=True)
+            ],
             turns=int(record["turns"]),
             epoch=epoch,
         )

@@ -26,7 +26,9 @@ response id gate of the `Outbox` first (no data event of this response is sent a
 reply text aligned to it, then cancels the task, which closes the LLM and speech iterators. While the
 barge-in policy holds the response (`hold_output`), its audio waits in the outbox; generation goes on.
 Component errors end the turn with an `ErrorEvent` (a stuck component becomes `UNAVAILABLE` after its
-timeout); the session stays usable.
+timeout); the session stays usable. A finished handle keeps its reply text and playout accounting, so a
+position where the client stopped playing the finished reply cuts its outcome as an interruption would
+(`truncate`).
 
 Telemetry (telemetry.py): the task runs in a `turn` span, the root of a trace of its own linked to the
 session's span; the component calls are its children (instrumented.py). Time to first token and first
@@ -39,7 +41,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, TypeVar
 
 import numpy as np
@@ -132,11 +134,14 @@ class TurnInput:
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a response ended. `text`: the whole reply (done) or what the user heard (interrupted)."""
+    """How a response ended. `text`: the whole reply (done) or what the user heard (interrupted, or a done
+    reply the client stopped playing: `Response.truncate`). `played_ms`: the reply audio `text` covers
+    (all that was sent, or what was played)."""
 
     kind: Literal["done", "noise", "interrupted", "error"]
     text: str = ""
     state_mark: str = ""
+    played_ms: float = 0.0
 
 
 class ReplyCleaner:
@@ -343,6 +348,20 @@ class Response:
         await self._cancel_task()
         return True
 
+    def truncate(self, played_ms: float) -> Outcome:
+        """The client stopped playing this finished response (done or interrupted) at `played_ms`: its
+        outcome is cut to the reply text heard by then, aligned as an interruption aligns it. Never
+        lengthened: a position at or past what the outcome covers (`Outcome.played_ms`) changes nothing.
+        Returns the outcome now in force."""
+        outcome = self._outcome
+        if outcome is None or outcome.kind not in ("done", "interrupted"):
+            raise RuntimeError(f"response {self.id} has no finished reply to truncate")
+        if played_ms >= outcome.played_ms:
+            return outcome
+        heard = self.playout.heard_text(self.text, played_ms)
+        self._outcome = replace(outcome, text=heard, played_ms=played_ms)
+        return self._outcome
+
     def hold_output(self, held: bool) -> None:
         """Hold (True) or release this response's audio in the outbox; text and generation go on."""
         if self.finished or self.playout.held == held:
@@ -366,7 +385,7 @@ class Response:
             heard = self.playout.heard_text(self.text, played)
         else:
             heard = self.text[: self.playout.sent_text_end]
-        self._finish(Outcome("interrupted", heard, self._mark or ""))
+        self._finish(Outcome("interrupted", heard, self._mark or "", played))
         return played, heard
 
     async def _cancel_task(self) -> None:
@@ -388,7 +407,8 @@ class Response:
     def _on_sent(self, event: ServerEvent) -> None:
         if isinstance(event, ResponseDone):
             kind = "noise" if event.state_mark == MARK_NOISE else "done"
-            self._finish(Outcome(kind, event.text, event.state_mark))
+            # Sent after the response's last audio frame: the playout holds all of it.
+            self._finish(Outcome(kind, event.text, event.state_mark, self.playout.sent_ms))
         elif isinstance(event, ErrorEvent):
             self._finish(Outcome("error"))
 

@@ -69,10 +69,12 @@ class Message:
 
 @dataclass(frozen=True)
 class Turn:
-    """One earlier exchange of a conversation."""
+    """One earlier exchange of a conversation. `turn_id`: the id its session gave the turn (the
+    orchestrator's history; empty elsewhere), never part of a prompt."""
 
     user: str
     assistant: str
+    turn_id: str = ""
 
 
 def system_prompt(media: Media | None, *, realtime: bool = False) -> str:
