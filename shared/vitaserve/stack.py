@@ -7,6 +7,9 @@ three run the platform exactly as deployed: real Triton models, a real orchestra
         stack.orchestrator_address   # "127.0.0.1:PORT" for vitaserve.client
         stack.triton_url             # "127.0.0.1:PORT" for tritonclient / TritonComponents
 
+    with LocalStack(None, family="small", gateway=True) as stack:
+        stack.gateway_url            # "http://127.0.0.1:PORT": the Realtime WebSocket and the browser page
+
     with LocalStack(None, family="small") as stack: ...    # the small family (weights from packages)
 
 The family is one environment variable, VITASERVE_MODEL_FAMILY, read by the Triton models and the
@@ -108,13 +111,83 @@ class OrchestratorProcess:
         return self.proc.returncode
 
 
+def wait_http(url: str, *, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll `url` until it answers 200; raises on timeout or if `proc` exits."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with code {proc.returncode} before serving {url}")
+        try:
+            with urllib.request.urlopen(url, timeout=1.0) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} not answering after {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+class GatewayProcess:
+    """`python -m vitaserve_gateway` (the Realtime WebSocket gateway) on a free loopback port, in front of
+    the orchestrator at `orchestrator_address`. `url` is its http://host:port."""
+
+    def __init__(self, orchestrator_address: str, *, log_path: Path, env: dict[str, str] | None = None,
+                 startup_timeout_s: float = 30.0, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.port = port or free_port()
+        self.url = f"http://{host}:{self.port}"
+        self._env = {**os.environ, **(env or {}), "VITASERVE_GATEWAY_HOST": host,
+                     "VITASERVE_GATEWAY_PORT": str(self.port),
+                     "VITASERVE_GATEWAY_ORCHESTRATOR_ADDRESS": orchestrator_address}
+        self._log_path = log_path
+        self._timeout = startup_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "GatewayProcess":
+        self._log = open(self._log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "vitaserve_gateway"], env=self._env,
+                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_http(f"{self.url}/healthz", timeout_s=self._timeout, proc=self.proc)
+        except BaseException as exc:
+            self.stop()
+            if not isinstance(exc, Exception):
+                raise
+            tail = self._log_path.read_text(errors="replace")[-4000:]
+            raise RuntimeError(f"gateway did not start: {exc}\n--- log tail ---\n{tail}") from exc
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout_s: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
 class LocalStack:
     """Triton (the four models, or `models`) + the orchestrator, for one model family and its checkpoint
     directory (None: the family needs none, e.g. small, whose LLM cache is then the default one)."""
 
     def __init__(self, checkpoint_dir: str | Path | None, *, family: str = "vita15",
                  models: list[str] | None = None, orchestrator: bool = True,
-                 work_dir: str | Path | None = None, orchestrator_env: dict[str, str] | None = None) -> None:
+                 work_dir: str | Path | None = None, orchestrator_env: dict[str, str] | None = None,
+                 gateway: bool = False, gateway_env: dict[str, str] | None = None,
+                 gateway_port: int | None = None, gateway_host: str = "127.0.0.1") -> None:
         self.family = family
         self.checkpoint_dir = Path(checkpoint_dir).resolve() if checkpoint_dir is not None else None
         self._own_tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="vitaserve-stack-")
@@ -130,6 +203,13 @@ class LocalStack:
         self._with_orchestrator = orchestrator
         self._orchestrator_env = orchestrator_env or {}
         self.orchestrator: OrchestratorProcess | None = None
+        self._gateway_args = (gateway_env or {}, gateway_port, gateway_host) if gateway else None
+        self.gateway: GatewayProcess | None = None
+
+    @property
+    def gateway_url(self) -> str:
+        assert self.gateway is not None, "started without the gateway"
+        return self.gateway.url
 
     @property
     def triton_url(self) -> str:
@@ -147,12 +227,20 @@ class LocalStack:
                 env = {"VITASERVE_BACKEND": "triton", "VITASERVE_TRITON_URL": self.triton_url,
                        "VITASERVE_MODEL_FAMILY": self.family, **self._orchestrator_env}
                 self.orchestrator = OrchestratorProcess(env, log_path=self.work_dir / "orchestrator.log").start()
+                if self._gateway_args is not None:
+                    gw_env, gw_port, gw_host = self._gateway_args
+                    self.gateway = GatewayProcess(self.orchestrator.address, env=gw_env, port=gw_port,
+                                                  host=gw_host, log_path=self.work_dir / "gateway.log").start()
             except BaseException:  # a signal (vitaserve.lifecycle) too: nothing is left running
+                if self.orchestrator is not None:
+                    self.orchestrator.stop()
                 self.triton.stop()
                 raise
         return self
 
     def stop(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
         if self.orchestrator is not None:
             self.orchestrator.stop()
         self.triton.stop()

@@ -68,3 +68,38 @@ def test_the_demo_stops_everything_it_started_mid_conversation(signum: int, tiny
     assert "turn 2" not in "".join(output)  # it did not finish the conversation first
     leftover = marked_processes(marker)
     assert not leftover, f"processes left behind: {leftover}"
+
+
+def test_make_web_stops_the_stack_and_the_gateway_on_sigterm(tiny_checkpoint: Path) -> None:
+    """`python -m vitaserve.web` (make web): Triton, the orchestrator and the gateway, stopped by SIGTERM."""
+    from vitaserve.stack import free_port
+
+    marker = f"VITASERVE_SIGNAL_TEST={uuid.uuid4().hex}"
+    env = {**os.environ, marker.split("=")[0]: marker.split("=")[1], "PYTHONUNBUFFERED": "1"}
+    port = free_port()
+    web = subprocess.Popen(
+        [sys.executable, "-m", "vitaserve.web", "--family", "vita15", "--checkpoint", str(tiny_checkpoint),
+         "--port", str(port)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    try:
+        assert web.stdout is not None
+        for line in web.stdout:
+            output.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        text = "".join(output)
+        assert f"http://127.0.0.1:{port}/" in text, text[-3000:]
+        assert len(marked_processes(marker)) >= 4  # Triton, its stubs, the orchestrator, the gateway
+        sent = time.monotonic()
+        web.send_signal(signal.SIGTERM)
+        rest, _ = web.communicate(timeout=30)
+        stopped_s = time.monotonic() - sent
+        output.append(rest)
+    finally:
+        if web.poll() is None:
+            web.kill()
+    assert web.returncode == 128 + signal.SIGTERM, "".join(output)[-3000:]
+    assert stopped_s < 15, f"took {stopped_s:.1f} s to stop"
+    leftover = marked_processes(marker)
+    assert not leftover, f"processes left behind: {leftover}"
