@@ -95,8 +95,9 @@ def parse_client_event(raw: str | bytes) -> ParsedEvent:
         first = exc.errors()[0]
         # pydantic names union members in the path (RealtimeSessionCreateRequest, AudioPCM): not wire names
         where = ".".join(str(p) for p in first["loc"] if not str(p)[:1].isupper())
-        raise ProtocolError(f"invalid {kind} event: {where}: {first['msg']}", code="invalid_value",
-                            param=where, event_id=event_id) from None
+        code = "missing_required_parameter" if first["type"] == "missing" else "invalid_value"
+        raise ProtocolError(f"invalid {kind} event: {where}: {first['msg']}", code=code, param=where,
+                            event_id=event_id) from None
     return ParsedEvent(type=kind, event_id=event_id, model=model)
 
 

@@ -36,6 +36,7 @@ import asyncio
 import base64
 import binascii
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 _END = object()
 UPSTREAM_CHUNK_BYTES = 32_000  # 1 s of 16 kHz PCM16 per AudioChunk (the orchestrator takes up to 10 s)
 MAX_BUFFER_S = 120.0  # input audio the gateway keeps a copy of for one turn
+MAX_EVENT_IDS = 1024  # client event ids remembered for the orchestrator's error reports
 IMAGE_TILES = {None: 1, "auto": 1, "low": 1, "high": 6}
 
 # grpc status name -> Realtime error type
@@ -197,7 +199,9 @@ class RealtimeSession:
         self._response: ResponseState | None = None
         self._requested: str | None = None  # the upstream event id of a response.create not yet started
         self._pending_events: dict[str, Item] = {}  # upstream event id -> the pending item it carried
-        self._client_event_ids: dict[str, str] = {}  # upstream event id -> the client's event_id
+        # upstream event id -> the client's event_id, for the errors the orchestrator reports (the latest
+        # MAX_EVENT_IDS: a client that names every audio chunk must not grow this without bound)
+        self._client_event_ids: OrderedDict[str, str] = OrderedDict()
         self._send_lock = asyncio.Lock()
         self.closed_status: tuple[str, str] | None = None  # (grpc code name, details) when upstream ended
 
@@ -274,6 +278,8 @@ class RealtimeSession:
         upstream = new_id("gw")
         if client_event_id:
             self._client_event_ids[upstream] = client_event_id
+            if len(self._client_event_ids) > MAX_EVENT_IDS:
+                self._client_event_ids.popitem(last=False)
         return upstream
 
     # ---- client events --------------------------------------------------------------------------
