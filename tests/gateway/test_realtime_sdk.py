@@ -251,3 +251,27 @@ def test_delete_removes_a_whole_turn_and_clear_empties_the_input_buffer(gateway_
     assert {e["type"] for e in deleted} == {"conversation.item.deleted"}
     assert {e["item_id"] for e in deleted} == {user, assistant}
     assert rest[-1]["error"]["code"] == "input_audio_buffer_commit_empty"
+
+
+def test_beta_event_names_on_request(gateway_stack: LocalStack) -> None:
+    """Clients written against the beta API ask with ?event_names=beta."""
+    import json
+
+    import websockets
+
+    url = gateway_stack.gateway_url.replace("http://", "ws://") + "/v1/realtime?model=m&event_names=beta"
+
+    async def scenario() -> list[dict]:
+        async with websockets.connect(url) as ws:
+            await ws.send(json.dumps({"type": "session.update", "session": MANUAL_AUDIO}))
+            await ws.send(json.dumps({"type": "conversation.item.create", "item": user_text("Say hello.")}))
+            await ws.send(json.dumps({"type": "response.create"}))
+            got = []
+            while not got or got[-1]["type"] != "response.done":
+                got.append(json.loads(await asyncio.wait_for(ws.recv(), 120)))
+            return got
+
+    kinds = types(run(scenario()))
+    assert {"response.audio.delta", "response.audio_transcript.delta", "response.audio_transcript.done",
+            "response.audio.done", "conversation.item.created"} <= set(kinds)
+    assert not [k for k in kinds if k.startswith(("response.output_audio", "response.output_text"))]
