@@ -26,7 +26,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.trace import TracerProvider
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -36,6 +37,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from vitaserve.api.v1 import orchestrator_pb2_grpc as pb_grpc
+from vitaserve.tracing import setup_tracing
 from vitaserve_gateway.protocol import ProtocolError, dumps, parse_client_event
 from vitaserve_gateway.session import RealtimeSession, error_type
 from vitaserve_gateway.settings import GatewaySettings
@@ -85,9 +87,15 @@ def bearer_key(websocket: WebSocket) -> tuple[str | None, str | None]:
     return key, chosen
 
 
-def create_app(settings: GatewaySettings | None = None) -> Starlette:
+def create_app(settings: GatewaySettings | None = None, *,
+               tracer_provider: TracerProvider | None = None) -> Starlette:
+    """The app; `tracer_provider` overrides the one `settings` configure (tests pass an in-memory one)."""
     settings = settings or GatewaySettings()
     metrics = Metrics()
+    provider = tracer_provider or setup_tracing(
+        otlp_endpoint=settings.otlp_endpoint, service_name=settings.otel_service_name,
+        sample_ratio=settings.trace_sample_ratio, insecure=settings.otlp_insecure)
+    tracer = (provider or trace.get_tracer_provider()).get_tracer("vitaserve.gateway")
     state: dict[str, Any] = {"active": 0}
 
     @contextlib.asynccontextmanager
@@ -107,6 +115,8 @@ def create_app(settings: GatewaySettings | None = None) -> Starlette:
             yield
         finally:
             await channel.close(grace=1.0)
+            if provider is not None and tracer_provider is None:
+                provider.shutdown()  # flush the spans still batched
 
     async def realtime(websocket: WebSocket) -> None:
         if state["active"] >= settings.max_connections:
@@ -115,9 +125,14 @@ def create_app(settings: GatewaySettings | None = None) -> Starlette:
                 503, "server_error", "too_many_sessions",
                 f"this gateway replica serves at most {settings.max_connections} sessions: retry"))
             return
+        with tracer.start_as_current_span("realtime.session", kind=trace.SpanKind.SERVER,
+                                          context=propagate.extract(dict(websocket.headers))) as span:
+            await serve_realtime(websocket, span)
+
+    async def serve_realtime(websocket: WebSocket, span: trace.Span) -> None:
         key, subprotocol = bearer_key(websocket)
         metadata: dict[str, str] = {}
-        propagate.inject(metadata, context=propagate.extract(dict(websocket.headers)))
+        propagate.inject(metadata)  # the orchestrator's session span continues this one
         if key:
             metadata["authorization"] = f"Bearer {key}"
         beta = settings.beta_event_names or websocket.query_params.get("event_names") == "beta"
@@ -144,6 +159,7 @@ def create_app(settings: GatewaySettings | None = None) -> Starlette:
             session.cancel()
             status = HTTP_STATUS.get(exc.code(), 502)
             metrics.opened.labels(str(status)).inc()
+            span.set_attribute("http.response.status_code", status)
             await websocket.send_denial_response(_error_response(
                 status, error_type(exc.code().name), exc.code().name.lower(), exc.details() or exc.code().name))
             return
@@ -154,6 +170,8 @@ def create_app(settings: GatewaySettings | None = None) -> Starlette:
                 503, "server_error", "unavailable", f"the orchestrator did not start a session: {exc}"))
             return
         metrics.opened.labels("101").inc()
+        span.set_attribute("vitaserve.session_id", session.session_id)
+        span.set_attribute("vitaserve.model", session.model)
         state["active"] += 1
         metrics.sessions.inc()
         started = time.monotonic()
@@ -178,13 +196,17 @@ def create_app(settings: GatewaySettings | None = None) -> Starlette:
             for task in (reader, pump):
                 task.cancel()
             session.cancel()
-            for outcome in await asyncio.gather(reader, pump, return_exceptions=True):
-                if isinstance(outcome, Exception):
-                    log.error("session %s failed", session.session_id, exc_info=outcome)
-            state["active"] -= 1
-            metrics.sessions.dec()
-            log.info("session %s closed after %.1f s (upstream %s)", session.session_id,
-                     time.monotonic() - started, (session.closed_status or ("-",))[0])
+            try:  # the handler itself may be cancelled here (server shutdown): the bookkeeping runs anyway
+                for outcome in await asyncio.gather(reader, pump, return_exceptions=True):
+                    if isinstance(outcome, Exception):
+                        log.error("session %s failed", session.session_id, exc_info=outcome)
+            finally:
+                state["active"] -= 1
+                metrics.sessions.dec()
+                upstream = (session.closed_status or ("-",))[0]
+                span.set_attribute("vitaserve.upstream_status", upstream)
+                log.info("session %s closed after %.1f s (upstream %s)", session.session_id,
+                         time.monotonic() - started, upstream)
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse("ok")

@@ -240,6 +240,9 @@ class RealtimeSession:
             while (message := await self._call.read()) is not grpc.aio.EOF:
                 await self._on_server_event(message)
             self.closed_status = ("OK", "")
+        except asyncio.CancelledError:
+            self.closed_status = self.closed_status or ("CANCELLED", "the gateway ended the stream")
+            raise
         except grpc.aio.AioRpcError as exc:
             self.closed_status = (exc.code().name, exc.details() or "")
             if exc.code() != grpc.StatusCode.CANCELLED:

@@ -58,3 +58,13 @@ class GatewaySettings(BaseSettings):
         Path(__file__).resolve().parent / "static", description="The browser page's files, served at /."
     )
     log_level: str = Field("info", description="Python logging level.")
+
+    # --- traces ---------------------------------------------------------------------------------
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/gRPC collector (host:port) for traces; unset = tracing off. Each socket is a "
+        "`realtime.session` span (continuing a client's `traceparent` header) and the parent of the "
+        "orchestrator's `session` span.",
+    )
+    otlp_insecure: bool = Field(True, description="Plain-text OTLP (no TLS) to the collector.")
+    otel_service_name: str = Field("vitaserve-gateway", description="service.name of the gateway's spans.")
+    trace_sample_ratio: float = Field(1.0, ge=0, le=1, description="Share of new traces sampled.")

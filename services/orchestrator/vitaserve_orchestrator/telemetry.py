@@ -19,7 +19,7 @@ Metrics (`Metrics`, a registry of its own so tests and several servers in one pr
     vitaserve_component_ready_endpoints       gauge      {component}: ready Triton endpoints the router sees
 `start_metrics_server(metrics, "host:port")` serves them over HTTP (`/metrics`) for Prometheus.
 
-Traces: `setup_tracing(...)` builds a `TracerProvider` exporting over OTLP/gRPC when an endpoint is
+Traces: `setup_tracing(...)` (vitaserve.tracing, shared with the gateway) builds a `TracerProvider` exporting over OTLP/gRPC when an endpoint is
 configured (`VITASERVE_OTLP_ENDPOINT`); without one tracing stays the OpenTelemetry no-op (off by default).
 `triton_headers()` is the W3C `traceparent` of the current span, for the `headers=` of tritonclient calls, so
 a Triton started with `--trace-config mode=opentelemetry` continues the same trace (TritonComponents sends
@@ -42,11 +42,10 @@ from collections.abc import Callable
 from typing import Any
 
 from opentelemetry import propagate, trace
-from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from vitaserve.tracing import setup_tracing  # noqa: F401 - the orchestrator's tracing setup lives in shared
 
 # Seconds. Real-time voice: first token/audio within ~100 ms-2 s; whole turns up to a minute.
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
@@ -127,31 +126,6 @@ def start_metrics_server(metrics: Metrics, address: str) -> tuple[Any, int]:
         raise ValueError(f"metrics address must be host:port, got {address!r}")
     server, _thread = start_http_server(int(port), addr=host or "0.0.0.0", registry=metrics.registry)
     return server, server.server_address[1]
-
-
-def setup_tracing(
-    *,
-    otlp_endpoint: str | None,
-    service_name: str = "vitaserve-orchestrator",
-    sample_ratio: float = 1.0,
-    insecure: bool = True,
-    exporter: SpanExporter | None = None,
-) -> TracerProvider | None:
-    """A TracerProvider exporting to `otlp_endpoint` (or to `exporter`, e.g. an in-memory one in tests);
-    None when neither is given: tracing stays off. The caller installs it (`trace.set_tracer_provider`)
-    or passes it to `tracer()`. Sampling follows the parent's decision, else `sample_ratio`."""
-    if exporter is None and not otlp_endpoint:
-        return None
-    if not 0.0 <= sample_ratio <= 1.0:
-        raise ValueError(f"sample_ratio must be in [0, 1], got {sample_ratio}")
-    provider = TracerProvider(resource=Resource.create({"service.name": service_name}),
-                              sampler=ParentBased(TraceIdRatioBased(sample_ratio)))
-    if exporter is None:
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        exporter = OTLPSpanExporter(endpoint=otlp_endpoint, insecure=insecure)
-    provider.add_span_processor(BatchSpanProcessor(exporter))
-    return provider
 
 
 def tracer(provider: TracerProvider | None = None) -> trace.Tracer:
