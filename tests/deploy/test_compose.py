@@ -1,6 +1,7 @@
 """docker-compose.yml is valid (Debian's docker-compose `config -q`) and wires the services the way the code
 expects: one Triton service per component loading only its model (profile gpu), or all four in one CPU
-container (profile cpu); the orchestrator pointed at each, with settings the code accepts; Redis."""
+container (profile cpu); the orchestrator pointed at each, with settings the code accepts; Redis; the Realtime
+gateway in front of the orchestrator of its profile."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 import yaml
 
 from vitaserve.components.base import COMPONENTS
+from vitaserve_gateway.settings import GatewaySettings
 from vitaserve_orchestrator.settings import OrchestratorSettings
 
 pytestmark = pytest.mark.unit
@@ -34,6 +36,12 @@ def _profile(services: dict, profile: str) -> dict:
 
 def _models(svc: dict) -> list[str]:
     return [a.split("=", 1)[1] for a in svc.get("command", []) if a.startswith("--load-model=")]
+
+
+def _seconds(value: str) -> float:
+    """A compose duration such as "30s"."""
+    assert value.endswith("s"), value
+    return float(value[:-1])
 
 
 def _settings(env: dict[str, str]) -> OrchestratorSettings:
@@ -103,12 +111,45 @@ def test_orchestrators_keep_sessions_in_redis() -> None:
 def test_grace_periods_cover_the_drain() -> None:
     services = _config("--profile", "gpu")["services"]
     settings = _settings(services["orchestrator"]["environment"])
-
-    def seconds(value: str) -> float:
-        assert value.endswith("s"), value
-        return float(value[:-1])
-
-    assert seconds(services["orchestrator"]["stop_grace_period"]) > settings.shutdown_grace_s
+    assert _seconds(services["orchestrator"]["stop_grace_period"]) > settings.shutdown_grace_s
     for name in ("triton-vision", "triton-llm"):
         timeout = next(int(a.split("=")[1]) for a in services[name]["command"] if a.startswith("--exit-timeout"))
-        assert seconds(services[name]["stop_grace_period"]) > timeout
+        assert _seconds(services[name]["stop_grace_period"]) > timeout
+
+
+@pytest.mark.parametrize(("profile", "gateway", "orchestrator", "other"),
+                         [("gpu", "gateway", "orchestrator", "gateway-cpu"),
+                          ("cpu", "gateway-cpu", "orchestrator-cpu", "gateway")])
+def test_gateway_in_front_of_the_orchestrator_of_its_profile(profile: str, gateway: str, orchestrator: str,
+                                                             other: str) -> None:
+    services = _profile(_config("--profile", profile)["services"], profile)
+    assert other not in services  # one gateway per profile, as for the orchestrator
+    svc = services[gateway]
+    env = svc["environment"]
+    known = {f"VITASERVE_GATEWAY_{name.upper()}" for name in GatewaySettings.model_fields}
+    assert not set(env) - known, f"unknown settings: {set(env) - known}"
+    settings = GatewaySettings.model_validate({k.removeprefix("VITASERVE_GATEWAY_").lower(): v
+                                               for k, v in env.items()})
+    # the upstream: the orchestrator service of this profile, on the port it listens on, once it is healthy
+    host, port = settings.orchestrator_address.rsplit(":", 1)
+    assert host == orchestrator
+    assert services[orchestrator]["environment"]["VITASERVE_LISTEN_ADDRESS"].rsplit(":", 1)[1] == port
+    assert svc["depends_on"][orchestrator] == {"condition": "service_healthy"}
+    # published on 8080 (docker-compose 1.29 prints mappings; older formats "host:container" strings)
+    ports = [(int(p["published"]), int(p["target"])) if isinstance(p, dict) else tuple(map(int, p.split(":")))
+             for p in svc["ports"]]
+    assert ports == [(8080, settings.port)]
+    # the image, hardened like the others
+    assert svc["image"].startswith("vitaserve/gateway:")
+    dockerfile = Path(svc["build"]["context"]) / svc["build"]["dockerfile"]
+    assert dockerfile == ROOT / "services" / "gateway" / "Dockerfile" and dockerfile.is_file()
+    assert svc["read_only"] is True and svc["tmpfs"] == ["/tmp"] and svc["restart"] == "unless-stopped"
+    test = " ".join(svc["healthcheck"]["test"])
+    assert f"127.0.0.1:{settings.port}/healthz" in test
+    assert _seconds(svc["stop_grace_period"]) > 5  # uvicorn's graceful shutdown after SIGTERM
+
+
+def test_gateway_port_can_move_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VITASERVE_GATEWAY_HOST_PORT", "18080")
+    (port,) = _config("--profile", "cpu")["services"]["gateway-cpu"]["ports"]
+    assert (int(port["published"]), int(port["target"])) == (18080, 8080)

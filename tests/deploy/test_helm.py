@@ -6,6 +6,7 @@ for Kubernetes 1.37 (the newest schemas it bundles); and the manifests wire what
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 import yaml
 
 from vitaserve.components.base import COMPONENTS
+from vitaserve_gateway.settings import GatewaySettings
 from vitaserve_orchestrator.settings import OrchestratorSettings
 
 pytestmark = pytest.mark.unit
@@ -235,7 +237,8 @@ def test_orchestrator_wiring_matches_the_code(case: str) -> None:
         assert "secretKeyRef" in env["VITASERVE_REDIS_URL"]["valueFrom"]
         values["redis_url"] = "redis://redis-from-secret:6379/0"
     settings = OrchestratorSettings.model_validate({**values, "kubernetes_namespace": "ml"})
-    triton_services = {d["metadata"]["name"] for d in find(docs, "Service") if d["spec"].get("clusterIP") == "None"}
+    triton_services = {d["metadata"]["name"] for d in find(docs, "Service") if d["spec"].get("clusterIP") == "None"
+                       and d["metadata"]["labels"]["app.kubernetes.io/component"] != "orchestrator"}
     if settings.discovery == "kubernetes":
         assert set(settings.component_services().values()) == triton_services
         assert one(docs, "RoleBinding", "vs-vitaserve-endpointslice-reader")["subjects"][0]["name"] == \
@@ -300,19 +303,22 @@ def dashboard_metrics() -> set[str]:
     return {re.sub(r"_(bucket|sum|count)$", "", n) if n.startswith("vitaserve_") else n for n in names}
 
 
-def test_grafana_dashboard_configmap_and_its_orchestrator_metrics() -> None:
+def test_grafana_dashboard_configmap_and_the_metrics_it_queries() -> None:
     from vitaserve_orchestrator.telemetry import Metrics
 
     (configmap,) = [d for d in render("default") if d["metadata"]["name"] == "vs-vitaserve-dashboard"]
     assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(configmap["data"]["vitaserve.json"]) == json.loads(DASHBOARD.read_text())
     from vitaserve_batch import metrics as batch_metrics
+    from vitaserve_gateway.app import Metrics as GatewayMetrics
 
-    instruments = [*Metrics().registry.collect(), *(m for instrument in (
-        batch_metrics.ITEMS, batch_metrics.ITEM_DURATION, batch_metrics.IN_FLIGHT) for m in instrument.collect())]
+    instruments = [*Metrics().registry.collect(), *GatewayMetrics().registry.collect(),
+                   *(m for instrument in (batch_metrics.ITEMS, batch_metrics.ITEM_DURATION, batch_metrics.IN_FLIGHT)
+                     for m in instrument.collect())]
     registered = {m.name.removesuffix("_total") if m.type == "counter" else m.name for m in instruments}
     wanted = {n.removesuffix("_total") for n in dashboard_metrics() if n.startswith("vitaserve_")}
     assert wanted and wanted <= registered, wanted - registered
+    assert {n for n in wanted if n.startswith("vitaserve_gateway_")}, "no gateway panel"
     off = helm.Chart.load(CHART).render({"grafana": {"dashboard": {"enabled": False}}}, name="vs", namespace="ml")
     assert "vs-vitaserve-dashboard" not in "".join(off.values())
 
@@ -385,3 +391,188 @@ def test_service_monitor_and_metrics_off() -> None:
     assert "VITASERVE_METRICS_ADDRESS" not in one(off_docs, "ConfigMap", "vs-vitaserve-orchestrator")["data"]
     assert "prometheus.io/scrape" not in one(off_docs, "Deployment", "vs-vitaserve-orchestrator")[
         "spec"]["template"]["metadata"]["annotations"]
+
+
+# ---- the Realtime gateway -------------------------------------------------------------------------------
+GATEWAY = "vs-vitaserve-gateway"
+
+
+def render_with(values: dict[str, Any]) -> dict[str, Any]:
+    """Render `values` (not cached): {"docs": manifests, "notes": NOTES.txt}."""
+    out = helm.Chart.load(CHART).render(values, name="vs", namespace="ml", is_install=True)
+    docs = [d for path, text in sorted(out.items()) if path.endswith(".yaml")
+            for d in yaml.safe_load_all(text) if d]
+    return {"docs": docs, "notes": next(text for path, text in out.items() if path.endswith("NOTES.txt"))}
+
+
+def gateway_run(docs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Run `python -m vitaserve_gateway`'s main() with the pod's environment (ConfigMap + env) and return
+    what it passes to uvicorn.run: the settings the gateway really starts with."""
+    import vitaserve_gateway.__main__ as gateway_main
+
+    (container,) = one(docs, "Deployment", GATEWAY)["spec"]["template"]["spec"]["containers"]
+    env = {**one(docs, "ConfigMap", GATEWAY)["data"], **{e["name"]: e["value"] for e in container["env"]}}
+    for name in [n for n in os.environ if n.startswith("VITASERVE_GATEWAY_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(gateway_main.uvicorn, "run", lambda app, **kwargs: calls.append(kwargs))
+    assert gateway_main.main() == 0
+    (kwargs,) = calls
+    return kwargs
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gateway_wiring_matches_the_code(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = render(case)
+    deployment = one(docs, "Deployment", GATEWAY)
+    template = deployment["spec"]["template"]
+    spec = template["spec"]
+    (container,) = spec["containers"]
+    config = one(docs, "ConfigMap", GATEWAY)["data"]
+    assert container["envFrom"] == [{"configMapRef": {"name": GATEWAY}}]
+    # every variable is one settings.py reads (it ignores unknown ones silently), and it accepts them
+    known = {f"VITASERVE_GATEWAY_{name.upper()}" for name in GatewaySettings.model_fields}
+    env = {e["name"]: e for e in container["env"]}
+    assert not (set(config) | set(env)) - known - {"HOME"}
+    settings = GatewaySettings.model_validate({k.removeprefix("VITASERVE_GATEWAY_").lower(): v
+                                               for k, v in config.items()})
+    # the upstream is every orchestrator replica: the headless Service's DNS on its gRPC port, round-robin
+    assert settings.orchestrator_address.startswith("dns:///") and settings.orchestrator_lb_policy == "round_robin"
+    host, port = settings.orchestrator_address.removeprefix("dns:///").rsplit(":", 1)
+    orchestrator = one(docs, "Service", host)
+    assert orchestrator["metadata"]["labels"]["app.kubernetes.io/component"] == "orchestrator"
+    assert orchestrator["spec"]["clusterIP"] == "None"
+    assert orchestrator["spec"]["selector"] == one(docs, "Service", host.removesuffix("-headless"))["spec"]["selector"]
+    assert {p["name"]: p["port"] for p in orchestrator["spec"]["ports"]}["grpc"] == int(port)
+    # what the process binds, and the ports and probes that reach it
+    run = gateway_run(docs, monkeypatch)
+    assert (run["host"], run["port"]) == ("0.0.0.0", settings.port)
+    assert run["ws_ping_interval"] == settings.ws_ping_interval_s
+    assert run["ws_max_size"] == settings.max_message_bytes
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": run["port"]}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http", "scheme": "HTTP"}
+    assert container["readinessProbe"]["timeoutSeconds"] > 2  # /readyz waits up to 2 s for the orchestrator
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http", "scheme": "HTTP"}
+    assert "startupProbe" not in container
+    # the drain: open sockets get the preStop sleep, then uvicorn's graceful shutdown, inside the grace period
+    drain = container["lifecycle"]["preStop"]["sleep"]["seconds"] + run["timeout_graceful_shutdown"]
+    assert spec["terminationGracePeriodSeconds"] > drain >= 30
+    assert spec["automountServiceAccountToken"] is False and "serviceAccountName" not in spec
+    # the Service: port 8080 named http onto the pods, no affinity (the gateway keeps no state)
+    service = one(docs, "Service", GATEWAY)
+    (service_port,) = service["spec"]["ports"]
+    assert service_port == {"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP",
+                            "appProtocol": "http"}
+    assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    assert "sessionAffinity" not in service["spec"]
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(run["port"])
+    assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def test_gateway_autoscaling_disruption_budget_and_ingress() -> None:
+    docs = render("gpu-cluster.yaml")
+    values = values_of("gpu-cluster.yaml")["gateway"]
+    deployment = one(docs, "Deployment", GATEWAY)
+    assert "replicas" not in deployment["spec"]  # the HPA owns the replica count
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == \
+        "registry.example.com/vitaserve/gateway:0.1.0"
+    hpa = one(docs, "HorizontalPodAutoscaler", GATEWAY)
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": GATEWAY}
+    assert (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (2, 12)
+    assert hpa["spec"]["metrics"] == [{"type": "Resource", "resource": {
+        "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}]
+    assert hpa["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] == 900
+    pdb = one(docs, "PodDisruptionBudget", GATEWAY)
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= \
+        deployment["spec"]["template"]["metadata"]["labels"].items()
+    # the Ingress: long WebSocket timeouts, only the WebSocket and the page routed to the Service's http port
+    ingress = one(docs, "Ingress", GATEWAY)
+    annotations = ingress["metadata"]["annotations"]
+    for key in ("proxy-read-timeout", "proxy-send-timeout"):
+        assert int(annotations[f"nginx.ingress.kubernetes.io/{key}"]) >= 3600
+    assert annotations["nginx.ingress.kubernetes.io/proxy-http-version"] == "1.1"
+    assert ingress["spec"]["ingressClassName"] == "nginx"
+    assert ingress["spec"]["tls"] == values["ingress"]["tls"]
+    (rule,) = ingress["spec"]["rules"]
+    assert rule["host"] == "realtime.example.com"
+    paths = rule["http"]["paths"]
+    assert {p["backend"]["service"]["name"] for p in paths} == {GATEWAY}
+    assert {p["backend"]["service"]["port"]["name"] for p in paths} == {"http"}
+
+    def routed(url: str) -> bool:
+        return any(url == p["path"] if p["pathType"] == "Exact" else
+                   url == p["path"] or url.startswith(p["path"].rstrip("/") + "/") for p in paths)
+
+    assert routed("/") and routed("/v1/realtime") and routed("/static/app.js")
+    assert not any(routed(url) for url in ("/metrics", "/healthz", "/readyz"))
+    # off by default; on, the CPU target comes from values
+    default = render("default")
+    assert not find(default, "Ingress") and not find(default, "HorizontalPodAutoscaler", GATEWAY)
+    assert one(default, "Deployment", GATEWAY)["spec"]["replicas"] == 2
+    assert one(default, "PodDisruptionBudget", GATEWAY)["spec"]["maxUnavailable"] == 1
+    on = render_with({"gateway": {"autoscaling": {"enabled": True, "targetCPUUtilizationPercentage": 55},
+                                  "ingress": {"enabled": True, "annotations": {
+                                      "nginx.ingress.kubernetes.io/proxy-http-version": None}}}})["docs"]
+    hpa = one(on, "HorizontalPodAutoscaler", GATEWAY)
+    assert hpa["spec"]["metrics"][0]["resource"]["target"]["averageUtilization"] == 55
+    (rule,) = one(on, "Ingress", GATEWAY)["spec"]["rules"]
+    assert "host" not in rule  # no hosts: any host
+    # null deletes a default annotation (another controller's Ingress needs none of them)
+    assert "nginx.ingress.kubernetes.io/proxy-http-version" not in \
+        one(on, "Ingress", GATEWAY)["metadata"]["annotations"]
+    for doc in on:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+
+
+def test_gateway_tls_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gateway.tls: the pod serves HTTPS/WSS from a kubernetes.io/tls Secret (probes follow); orchestratorTLS:
+    it verifies the orchestrator's certificate with a CA from a Secret."""
+    values = {"gateway": {"tls": {"secretName": "realtime-tls"}, "playoutLeadMs": 200,
+                          "orchestratorTLS": {"caSecret": "orchestrator-ca", "caKey": "ca.pem",
+                                              "serverName": "orchestrator.vitaserve"}}}
+    docs = render_with(values)["docs"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    spec = one(docs, "Deployment", GATEWAY)["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    run = gateway_run(docs, monkeypatch)
+    settings = GatewaySettings()  # the environment gateway_run left
+    assert settings.playout_lead_ms == 200 and settings.orchestrator_server_name == "orchestrator.vitaserve"
+
+    def secret_of(path: str) -> tuple[str, str]:
+        """(Secret name, key) that the file at `path` in the container comes from."""
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(Path(path).parent))
+        assert mount["readOnly"] is True
+        volume = next(v for v in spec["volumes"] if v["name"] == mount["name"])
+        (item,) = [i for i in volume["secret"]["items"] if i["path"] == Path(path).name]
+        return volume["secret"]["secretName"], item["key"]
+
+    assert secret_of(run["ssl_certfile"]) == ("realtime-tls", "tls.crt")
+    assert secret_of(run["ssl_keyfile"]) == ("realtime-tls", "tls.key")
+    assert secret_of(str(settings.orchestrator_tls_ca_file)) == ("orchestrator-ca", "ca.pem")
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"]["scheme"] == "HTTPS"
+    assert one(docs, "Service", GATEWAY)["spec"]["ports"][0]["appProtocol"] == "https"
+
+
+def test_gateway_disabled_renders_nothing() -> None:
+    off = render_with({"gateway": {"enabled": False, "ingress": {"enabled": True},
+                                   "autoscaling": {"enabled": True}}})
+    assert not [d for d in off["docs"] if "gateway" in d["metadata"]["name"]
+                or d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "gateway"]
+    assert "gateway" not in off["notes"].lower()
+    assert find(off["docs"], "Deployment", "vs-vitaserve-orchestrator")  # the rest is unchanged
+    assert len(off["docs"]) == len(render("default")) - 4  # ConfigMap, Deployment, Service, PDB
+
+
+def test_gateway_notes_say_how_to_reach_the_page() -> None:
+    notes = render_with({})["notes"]
+    assert "kubectl -n ml port-forward svc/vs-vitaserve-gateway 8080" in notes
+    assert "http://127.0.0.1:8080/" in notes and 'base_url="http://127.0.0.1:8080/v1"' in notes
+    with_ingress = render_with(values_of("gpu-cluster.yaml"))["notes"]
+    assert "https://realtime.example.com/" in with_ingress
+    assert "wss://realtime.example.com/v1/realtime" in with_ingress

@@ -144,3 +144,13 @@ spec:
       {{- include "vitaserve.selectorLabels" (dict "root" .root "component" .component) | nindent 6 }}
 {{- end }}
 {{- end -}}
+
+{{/* The gateway's upstream, unless gateway.orchestratorAddress: every orchestrator replica, through the headless
+Service's DNS (the gateway balances its streams round-robin over them). */}}
+{{- define "vitaserve.orchestratorAddress" -}}
+{{- if .Values.gateway.orchestratorAddress -}}
+{{- .Values.gateway.orchestratorAddress -}}
+{{- else -}}
+{{- printf "dns:///%s-orchestrator-headless:%v" (include "vitaserve.fullname" .) .Values.orchestrator.service.port -}}
+{{- end -}}
+{{- end -}}
