@@ -101,7 +101,8 @@ def create_app(settings: GatewaySettings | None = None, *,
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         options = [("grpc.max_send_message_length", settings.grpc_max_message_bytes),
-                   ("grpc.max_receive_message_length", settings.grpc_max_message_bytes)]
+                   ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+                   ("grpc.lb_policy_name", settings.orchestrator_lb_policy)]
         if settings.orchestrator_tls_ca_file is not None:
             credentials = grpc.ssl_channel_credentials(settings.orchestrator_tls_ca_file.read_bytes())
             if settings.orchestrator_server_name:

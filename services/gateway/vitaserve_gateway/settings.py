@@ -31,7 +31,15 @@ class GatewaySettings(BaseSettings):
     )
 
     # --- the orchestrator -----------------------------------------------------------------------
-    orchestrator_address: str = Field("127.0.0.1:50051", description="host:port of the Converse gRPC API.")
+    orchestrator_address: str = Field(
+        "127.0.0.1:50051",
+        description="The Converse gRPC API: host:port, or dns:///name:port to balance over every address the "
+        "name resolves to (a headless Kubernetes Service: the Helm chart's default).",
+    )
+    orchestrator_lb_policy: str = Field(
+        "round_robin", description="gRPC load-balancing policy over the orchestrator's addresses: each new "
+        "socket's stream goes to the next replica (round_robin) or all to the first (pick_first).",
+    )
     orchestrator_tls_ca_file: Path | None = Field(
         None, description="PEM CA that signed the orchestrator's certificate: connect over TLS."
     )

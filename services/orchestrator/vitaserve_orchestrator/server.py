@@ -179,6 +179,9 @@ def create_server(
         ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
         ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
     ]
+    if settings.grpc_max_connection_age_s > 0:
+        options += [("grpc.max_connection_age_ms", int(settings.grpc_max_connection_age_s * 1000)),
+                    ("grpc.max_connection_age_grace_ms", 2**31 - 1)]  # streams on an old connection go on
     server = grpc.aio.server(options=options)
     owns_store = store is None
     store = store or build_store(settings)

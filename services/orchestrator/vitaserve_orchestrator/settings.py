@@ -49,6 +49,12 @@ class OrchestratorSettings(BaseSettings):
     grpc_max_message_bytes: int = Field(
         16 * MiB, ge=64 * 1024, description="Largest gRPC message accepted or sent (both directions)."
     )
+    grpc_max_connection_age_s: float = Field(
+        300.0, ge=0,
+        description="A client connection older than this is asked to reconnect (GOAWAY) for its next calls, "
+        "so clients balancing over the replicas (the gateway: round_robin over a headless Service) see new "
+        "replicas; open Converse streams are never cut by it. 0 = connections live forever.",
+    )
 
     # --- component backend --------------------------------------------------------------------------
     model_family: str = Field(
