@@ -28,7 +28,14 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.trace import TracerProvider
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
@@ -60,6 +67,9 @@ CLOSE_CODE = {"OK": 1000, "UNAUTHENTICATED": 1008, "PERMISSION_DENIED": 1008, "R
               "UNAVAILABLE": 1013, "ABORTED": 1012, "INVALID_ARGUMENT": 1008}
 
 
+FORWARD_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5)
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -71,6 +81,11 @@ class Metrics:
                                      ["type"], registry=self.registry)
         self.errors = Counter("vitaserve_gateway_errors", "error events sent, by code.", ["code"],
                               registry=self.registry)
+        self.forward = Histogram(
+            "vitaserve_gateway_forward_seconds",
+            "From an orchestrator event's arrival to its Realtime events written to the socket, by the "
+            "orchestrator event (first_audio: a reply's first audio, what the gateway adds to its time to "
+            "first audio).", ["event"], buckets=FORWARD_BUCKETS, registry=self.registry)
 
 
 def bearer_key(websocket: WebSocket) -> tuple[str | None, str | None]:
@@ -153,6 +168,7 @@ def create_app(settings: GatewaySettings | None = None, *,
             stub=state["stub"], metadata=tuple(metadata.items()), send=send,
             model=websocket.query_params.get("model", ""), beta_names=beta,
             playout_lead_ms=settings.playout_lead_ms, connect_timeout_s=settings.connect_timeout_s,
+            on_forwarded=lambda kind, seconds: metrics.forward.labels(kind).observe(seconds),
         )
         try:
             await session.open()

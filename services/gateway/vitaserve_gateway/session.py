@@ -36,6 +36,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -177,6 +178,7 @@ class RealtimeSession:
         beta_names: bool = False,
         playout_lead_ms: int | None = None,
         connect_timeout_s: float = 10.0,
+        on_forwarded: Callable[[str, float], None] | None = None,
     ) -> None:
         self._stub = stub
         self._metadata = metadata
@@ -185,6 +187,7 @@ class RealtimeSession:
         self.model = model
         self._playout_lead_ms = playout_lead_ms
         self._connect_timeout_s = connect_timeout_s
+        self._on_forwarded = on_forwarded  # (orchestrator event kind, seconds to translate and send it)
         self._upstream: asyncio.Queue[object] = asyncio.Queue()
         self._call: Any = None
         self.session_id = ""
@@ -238,7 +241,13 @@ class RealtimeSession:
         """Orchestrator events -> Realtime events, until the stream ends. Records the closing status."""
         try:
             while (message := await self._call.read()) is not grpc.aio.EOF:
+                started = time.perf_counter()
+                kind = message.WhichOneof("event") or ""
+                if kind == "audio" and self._response is not None and self._response.item.audio_ms == 0:
+                    kind = "first_audio"  # the latency the gateway adds to a reply's time to first audio
                 await self._on_server_event(message)
+                if self._on_forwarded is not None:
+                    self._on_forwarded(kind, time.perf_counter() - started)
             self.closed_status = ("OK", "")
         except asyncio.CancelledError:
             self.closed_status = self.closed_status or ("CANCELLED", "the gateway ended the stream")
