@@ -16,12 +16,15 @@ the gateway sends none, which the orchestrator reads as greedy), so both paths p
    Commit / `response.create` to the first audio event (`audio` / `response.output_audio.delta`); reported
    p50 and p99 per path, `added_p50_ms` (difference of the medians), `added_paired_p50_ms` (median of the
    per-pair differences), `direct_server_ttfa_p50_ms` (the orchestrator's own commit -> first audio, from
-   ResponseDone timings) and `same_replies` (pairs whose reply texts are equal: the same work on both paths).
+   ResponseDone timings; `gateway_server_ttfa_p50_ms` the same through the gateway, which passes the timings
+   on in `response.done`'s metadata) and `same_replies` (pairs whose reply texts are equal: the same work on both paths).
    TTFA varies by hundreds of ms with the models' compute, which swamps a difference of a few ms; the
    round trip from the same send to the turn's start (`turn_started` / `response.created`, which the
    orchestrator sends at the commit, before any model runs) takes the same hops as the first audio without
    the compute: `*_started_p50_ms` per path, and `added_started_p50_ms`/`_p99_ms` (per-pair differences)
-   is the gateway's added latency on the round trip. `gateway_first_audio_forward_p50_ms`/`_p99_ms`: what
+   is the gateway's added latency on the round trip. The headline figure, `added_ttfa_p50_ms`: per turn, the
+   client's TTFA minus the orchestrator's own (what the hops cost, without the compute), median per path,
+   gateway minus direct. `gateway_first_audio_forward_p50_ms`/`_p99_ms`: what
    the gateway process measured itself for these turns (its `vitaserve_gateway_forward_seconds` histogram,
    event `first_audio`: a reply's first audio event from its arrival to its delta written to the socket),
    interpolated within buckets as Prometheus' histogram_quantile does.
@@ -88,7 +91,7 @@ class Turn:
     ttfa_ms: float | None = None
     started_ms: float | None = None  # the commit -> the turn started (turn_started / response.created)
     reply: str = ""
-    server_ttfa_ms: float | None = None  # direct only: the orchestrator's commit -> first audio
+    server_ttfa_ms: float | None = None  # the orchestrator's commit -> first audio (its timings)
     errors: list[str] = field(default_factory=list)
 
 
@@ -167,6 +170,8 @@ async def gateway_turn(conn: Any, question: str) -> Turn:
             output = response.get("output") or [{}]
             content = output[0].get("content") or [{}]
             turn.reply = content[0].get("transcript") or ""
+            first_audio = (response.get("metadata") or {}).get("vitaserve.first_audio_ms")
+            turn.server_ttfa_ms = float(first_audio) if first_audio is not None else None
             break
     if turn.ttfa_ms is None and not turn.errors:
         turn.errors.append("gateway: no audio")
@@ -214,6 +219,16 @@ async def paired(address: str, url: str, turns: int, tokens: int) -> tuple[dict,
         "added_started_p50_ms": percentile([g.started_ms - d.started_ms for d, g in started], 50),
         "added_started_p99_ms": percentile([g.started_ms - d.started_ms for d, g in started], 99),
         "direct_server_ttfa_p50_ms": percentile([d.server_ttfa_ms for d, _ in ok if d.server_ttfa_ms], 50),
+        "gateway_server_ttfa_p50_ms": percentile([g.server_ttfa_ms for _, g in ok if g.server_ttfa_ms], 50),
+    }
+    # Transport: the client's TTFA minus the orchestrator's own (commit -> first audio sent, from its
+    # timings), per turn: the hops to and from the orchestrator, without the models' compute.
+    direct_hops = [d.ttfa_ms - d.server_ttfa_ms for d, _ in ok if d.server_ttfa_ms]
+    gateway_hops = [g.ttfa_ms - g.server_ttfa_ms for _, g in ok if g.server_ttfa_ms]
+    result |= {
+        "direct_hops_p50_ms": percentile(direct_hops, 50), "gateway_hops_p50_ms": percentile(gateway_hops, 50),
+        "gateway_hops_p99_ms": percentile(gateway_hops, 99),
+        "added_ttfa_p50_ms": percentile(gateway_hops, 50) - percentile(direct_hops, 50),
         "same_replies": sum(d.reply == g.reply for d, g in rows),
         "errors": len(errors),
     }
@@ -396,7 +411,11 @@ def table(result: dict) -> str:
         f"  {'via gateway (SDK)':22s} {p['gateway_ttfa_p50_ms']:9.1f} {p['gateway_ttfa_p99_ms']:9.1f}",
         (f"  added by the gateway: {p['added_p50_ms']:.1f} ms (difference of medians), "
          f"{p['added_paired_p50_ms']:.1f} ms (median of per-pair differences)"),
-        f"  orchestrator's own commit -> first audio (direct, p50): {p['direct_server_ttfa_p50_ms']:.1f} ms",
+        (f"  orchestrator's own commit -> first audio, p50: direct {p['direct_server_ttfa_p50_ms']:.1f} ms, "
+         f"gateway {p['gateway_server_ttfa_p50_ms']:.1f} ms"),
+        (f"  client TTFA minus the orchestrator's, p50: direct {p['direct_hops_p50_ms']:.2f} ms, gateway "
+         f"{p['gateway_hops_p50_ms']:.2f} ms (p99 {p['gateway_hops_p99_ms']:.2f})"),
+        f"  => time to first audio added by the gateway, p50: {p['added_ttfa_p50_ms']:.2f} ms",
         (f"  round trip to the turn's start (no compute), p50: direct {p['direct_started_p50_ms']:.1f} ms, "
          f"gateway {p['gateway_started_p50_ms']:.1f} ms"),
         (f"  added by the gateway on that round trip (per pair): p50 {p['added_started_p50_ms']:.1f} ms, "

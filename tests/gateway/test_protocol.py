@@ -172,7 +172,8 @@ def test_a_turn_is_translated_into_the_ga_event_sequence() -> None:
             server("t1", "r1", turn_started=pb.TurnStarted(modality="text")),
             server("t1", "r1", text_delta=pb.TextDelta(text="Hi", offset=0)),
             server("t1", "r1", audio=pb.AudioOut(pcm16=pcm, sample_rate=24000, seq=0)),
-            server("t1", "r1", response_done=pb.ResponseDone(text="Hi", timings=pb.Timings(tokens=2))),
+            server("t1", "r1", response_done=pb.ResponseDone(text="Hi", timings=pb.Timings(
+                tokens=2, first_audio_ms=412.25))),
             server("t1", "r1", turn_deleted=pb.TurnDeleted(turn_id="t1")),
         )
         while not any(e["type"] == "conversation.item.deleted" for e in sent):
@@ -197,6 +198,7 @@ def test_a_turn_is_translated_into_the_ga_event_sequence() -> None:
     assert upstream[1].text.defer_commit and upstream[1].text.text == "hello"
     done = sent[14]["response"]
     assert done["status"] == "completed" and done["usage"]["output_tokens"] == 2
+    assert done["metadata"]["vitaserve.first_audio_ms"] == "412.2"  # the orchestrator's timings, passed on
     assert base64.b64decode(sent[8]["delta"]) == b"\xe8\x03" * 2400  # 24 kHz in, 24 kHz out: untouched
 
 

@@ -598,7 +598,8 @@ class RealtimeSession:
                          output_index=0, content_index=0, part=part)
 
     def _response_wire(self, status: str, *, details: dict[str, Any] | None = None,
-                       usage: dict[str, Any] | None = None) -> dict[str, Any]:
+                       usage: dict[str, Any] | None = None,
+                       metadata: dict[str, str] | None = None) -> dict[str, Any]:
         response = self._response
         assert response is not None
         fmt = {"type": "audio/pcm", "rate": WIRE_RATE}
@@ -607,7 +608,7 @@ class RealtimeSession:
             "output": [response.item.wire()] if status != "in_progress" else [],
             "conversation_id": self.session_id, "output_modalities": [response.modality],
             "audio": {"output": {"format": fmt, "voice": self._config.voice}},
-            "max_output_tokens": self._config.max_output_tokens, "usage": usage, "metadata": None,
+            "max_output_tokens": self._config.max_output_tokens, "usage": usage, "metadata": metadata,
         }
 
     async def _up_input_transcript(self, message: pb.ServerEvent, transcript: pb.InputTranscript) -> None:
@@ -658,9 +659,12 @@ class RealtimeSession:
             return
         if response.resampler is not None:
             await self._send_audio_delta(response, response.resampler.push(b"", last=True))
-        tokens = done.timings.tokens
-        usage = {"total_tokens": tokens, "input_tokens": 0, "output_tokens": tokens}
-        await self._finish(response, done.text, "completed", None, usage)
+        t = done.timings
+        usage = {"total_tokens": t.tokens, "input_tokens": 0, "output_tokens": t.tokens}
+        # The orchestrator's own timings of the turn (ms from the commit), as the response's metadata.
+        timings = {f"vitaserve.{name}": f"{getattr(t, name):.1f}"
+                   for name in ("encode_ms", "first_token_ms", "first_audio_ms", "total_ms")}
+        await self._finish(response, done.text, "completed", None, usage, timings)
 
     async def _up_interrupted(self, message: pb.ServerEvent, interrupted: pb.Interrupted) -> None:
         response = self._current(message)
@@ -671,7 +675,7 @@ class RealtimeSession:
                            None)
 
     async def _finish(self, response: ResponseState, text: str, status: str, details: dict[str, Any] | None,
-                      usage: dict[str, Any] | None) -> None:
+                      usage: dict[str, Any] | None, metadata: dict[str, str] | None = None) -> None:
         item = response.item
         ids = {"response_id": response.id, "item_id": item.id, "output_index": 0, "content_index": 0}
         item.status = "completed" if status == "completed" else "incomplete"
@@ -689,7 +693,8 @@ class RealtimeSession:
         await self._send("response.content_part.done", part=part, **ids)
         await self._send("response.output_item.done", response_id=response.id, output_index=0, item=item.wire())
         await self._send("conversation.item.done", item=item.wire())
-        await self._send("response.done", response=self._response_wire(status, details=details, usage=usage))
+        await self._send("response.done", response=self._response_wire(status, details=details, usage=usage,
+                                                                       metadata=metadata))
         self._response = None
         if response.truncate_ms is not None and status != "failed":
             # The truncate arrived while the response ran; now that it has ended, the history can be cut.
