@@ -98,7 +98,8 @@ def bearer_key(websocket: WebSocket) -> tuple[str | None, str | None]:
     for protocol in offered:
         if protocol.startswith(KEY_SUBPROTOCOL) and key is None:
             key = protocol[len(KEY_SUBPROTOCOL):] or None
-    chosen = "realtime" if "realtime" in offered else None
+    # A browser fails the handshake unless the server picks one of the subprotocols it offered.
+    chosen = "realtime" if "realtime" in offered else (offered[0] if offered else None)
     return key, chosen
 
 

@@ -52,7 +52,8 @@ let player = null;
 let turnMark = null; // performance.now() of the latest speech end / typed response.create
 let createAfterDone = false; // a typed question waits for the running response to end
 let hearing = false; // between speech_started and speech_stopped
-const responses = new Map(); // response id -> the state.responses row (+ mark)
+const responses = new Map(); // response id -> the state.responses row
+const marks = new Map(); // response id -> performance.now() its latency counts from
 const itemResponse = new Map(); // assistant item id -> response row
 const entries = new Map(); // item id -> {data, li}
 const snapshots = new Map(); // item id -> data URL (the server does not echo image data)
@@ -283,7 +284,7 @@ const handlers = {
   "response.created"(e) {
     state.responsesCreated += 1;
     const row = { id: e.response.id, itemId: null, status: "in_progress", reason: null, latencyMs: null };
-    row.mark = turnMark;
+    if (turnMark !== null) marks.set(row.id, turnMark);
     turnMark = null;
     responses.set(row.id, row);
     state.responses.push(row);
@@ -382,9 +383,7 @@ function onEvent(event) {
 
 function onFirstPlay(itemId, wallMs) {
   const row = itemResponse.get(itemId);
-  if (row && row.mark !== null && row.mark !== undefined && row.latencyMs === null) {
-    recordLatency(row, wallMs - row.mark);
-  }
+  if (row && marks.has(row.id) && row.latencyMs === null) recordLatency(row, wallMs - marks.get(row.id));
   setTimeout(() => {
     if (player && player.isPlaying(itemId)) setStatus("Speaking", "speaking");
   }, Math.max(0, wallMs - performance.now()));
