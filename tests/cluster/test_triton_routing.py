@@ -17,7 +17,7 @@ from kube_emulator import KubeEmulator, endpoint_slice, eventually
 
 from vitaserve.cluster import cli
 from vitaserve.cluster.discovery import KubernetesDiscovery
-from vitaserve.cluster.routing import Router
+from vitaserve.cluster.routing import HashRing, Router
 from vitaserve.components.base import GenerationParams
 from vitaserve.components.triton import TritonComponents
 from vitaserve.models.prompt import build_prompt
@@ -98,7 +98,13 @@ def test_static_list_keeps_each_session_on_one_server(servers: list[TritonServer
     asyncio.run(body())
     placement = {s: {served_by(servers, f"static-{s}-{t}") for t in range(2)} for s in SESSIONS}
     assert all(len(where) == 1 for where in placement.values()), placement  # both turns on one server
-    assert {next(iter(w)) for w in placement.values()} == {0, 1}  # and the sessions use both servers
+    # each session is where the hash ring puts it (static mode: the ring's names are host:port), so the
+    # sessions spread over both servers as the ring spreads them (not a chance check on 8 random ids)
+    names = [s.grpc_url for s in servers]
+    ring = HashRing(names)
+    assert {s: names[next(iter(w))] for s, w in placement.items()} == {s: ring.lookup(s) for s in SESSIONS}
+    spread = {ring.lookup(f"sess-{i}") for i in range(64)}
+    assert spread == set(names)
 
 
 def test_an_unreachable_endpoint_is_failed_over_and_avoided(servers: list[TritonServer]) -> None:
