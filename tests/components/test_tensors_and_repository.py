@@ -26,6 +26,7 @@ from vitaserve.components.tensors import (
 from vitaserve.errors import InvalidInput, ResourceExhausted, Unavailable, VitaserveError
 from vitaserve.triton.repository import (
     CHECKED_IN,
+    LLM_ENGINE_CHOICE,
     LLM_ENGINE_DEFAULTS,
     LLM_STREAM_DEFAULTS,
     SPEECH_ENGINE_DEFAULTS,
@@ -79,11 +80,33 @@ def test_gpu_rendering(tmp_path: Path) -> None:
     assert llm["instance_group"] == [{"kind": "KIND_GPU", "count": 2}]
     params = {k: v["string_value"] for k, v in llm["parameters"].items()}
     assert params == {"family": "vita15", "checkpoint_dir": "/models/VITA-1.5", "dtype": "bfloat16", "device": "cuda",
-                      **LLM_ENGINE_DEFAULTS, **LLM_STREAM_DEFAULTS}  # one engine thread batches every stream
+                      **LLM_ENGINE_DEFAULTS, **LLM_ENGINE_CHOICE, **LLM_STREAM_DEFAULTS}  # one engine thread
     assert (out / "llm_decoder" / "1" / "model.py").read_text() == (
         CHECKED_IN / "llm_decoder" / "1" / "model.py").read_text()
     with pytest.raises(ValueError, match="unknown model family 'vita2'; known: vita15, small"):
         render_repository(tmp_path, family="vita2")
+
+
+def test_the_vllm_parameters_defaults_are_vllm_options_defaults(tmp_path: Path) -> None:
+    from vitaserve.components.vllm_engine import VllmOptions
+
+    params = {k: v for k, v in LLM_ENGINE_CHOICE.items() if k.startswith("vllm_")}
+    assert VllmOptions.from_parameters(params) == VllmOptions()
+    assert VllmOptions.from_parameters({}) == VllmOptions()
+    chosen = VllmOptions.from_parameters({"vllm_kv_cache_bytes": "1048576", "vllm_enforce_eager": "true",
+                                          "vllm_tensor_parallel_size": "2"})
+    assert (chosen.kv_cache_bytes, chosen.enforce_eager, chosen.tensor_parallel_size) == (1048576, True, 2)
+    args = chosen.engine_args(tmp_path)
+    assert args["enable_prompt_embeds"] and args["enable_prefix_caching"]
+    assert args["kv_cache_memory_bytes"] == 1048576 and args["tensor_parallel_size"] == 2
+    for bad in ({"vllm_enforce_eager": "maybe"}, {"vllm_max_num_seqs": "0"}, {"vllm_gpu_memory_utilization": "1.5"},
+                {"vllm_kv_cache_bytes": "lots"}):
+        with pytest.raises(ValueError, match="vllm_"):
+            VllmOptions.from_parameters(bad)
+    out = render_repository(tmp_path / "repo", models=["llm_decoder"], llm_engine={"engine": "vllm"})
+    assert 'key: "engine" value: { string_value: "vllm" }' in (out / "llm_decoder" / "config.pbtxt").read_text()
+    with pytest.raises(ValueError, match="engine must be one of"):
+        render_repository(tmp_path / "bad", models=["llm_decoder"], llm_engine={"engine": "tgi"})
 
 
 def test_llm_engine_parameters_render_and_parse(tmp_path: Path) -> None:

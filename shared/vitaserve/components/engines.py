@@ -249,6 +249,102 @@ class _QueueSink:
         self.items.put(("finish", (reason, error)))
 
 
+class PromptBuilder:
+    """What every LLM engine does before it generates: check a ChatML prompt, its media rows and sampling,
+    tokenise, and turn the prompt into embedding rows: media rows spliced into the `<image>`/`<audio>`
+    placeholders (VITA-1.5), or the text's rows alone (a text-only model). Shared by `LLMEngine` (the
+    transformers batch engine) and `vitaserve.components.vllm_engine.VllmLLMEngine`, so both engines take
+    exactly the same requests and see exactly the same rows.
+
+    `embedder` is the loaded causal LM, or only its embedding side (`vitaserve.models.llm.TextEmbedder` /
+    `PromptEmbedder`: the table alone, for an engine that holds the rest of the model itself): it has
+    `model.embed_tokens`, `config` (hidden_size), `dtype`, `device`; one with `splice_embeddings` (and
+    `_check_embeds`) takes media.
+    """
+
+    def __init__(self, embedder: Any, tokenizer: Any, *, raw_config: dict[str, Any] | None = None) -> None:
+        self.embedder = embedder
+        self.tokenizer = tokenizer if isinstance(tokenizer, LockedTokenizer) else LockedTokenizer(tokenizer)
+        self.hidden_size = int(embedder.config.hidden_size)
+        # VITA's LLM splices encoder rows into placeholders; any other model reads text only.
+        self.takes_media = callable(getattr(embedder, "splice_embeddings", None))
+        if raw_config is None:
+            raw_config = {"eos_token_id": getattr(embedder.config, "eos_token_id", None)}
+        self.stop_ids = self._stop_ids(raw_config)
+
+    def _stop_ids(self, raw_config: dict[str, Any]) -> frozenset[int]:
+        """`<|im_end|>` (the end of a ChatML turn), `<|endoftext|>`, and the tokenizer's and config's eos."""
+        ids = {self.tokenizer.token_id(IM_END), self.tokenizer.token_id(ENDOFTEXT), self.tokenizer.eos_token_id}
+        eos = raw_config.get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos])
+        return frozenset(int(i) for i in ids if i is not None)
+
+    def prepare(self, prompt: str, media: Sequence[np.ndarray], params: GenerationParams) -> PreparedPrompt:
+        """Validate and splice (raising InvalidInput): `media[k]` fills the k-th placeholder of `prompt`,
+        256 rows for `<image>`, at least one for `<audio>`, each (rows, H). A text-only model (see
+        `takes_media`) takes no media and no placeholders."""
+        check_generation_params(params)
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidInput("prompt must be a non-empty string")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise InvalidInput(f"prompt is too long: {len(prompt)} characters, at most {MAX_PROMPT_CHARS}")
+        if self.takes_media:
+            ids = tokenize_with_placeholders(self.tokenizer, prompt)
+            images, audios, arrays = self._check_media(ids, media)
+            # _check_embeds: finite rows only
+            embeds = self.embedder._check_embeds(self.embedder.splice_embeddings(ids, images, audios))
+        else:
+            ids, embeds = self._embed_text(prompt, media)
+            arrays = []
+        sampling = SamplingParams.checked(int(params.max_tokens), float(params.temperature), int(params.top_k),
+                                          float(params.top_p), None if params.seed is None else int(params.seed),
+                                          self.stop_ids)
+        return PreparedPrompt(embeds, sequence_keys(ids, arrays), sampling)
+
+    def _embed_text(self, prompt: str, media: Sequence[np.ndarray]) -> tuple[list[int], torch.Tensor]:
+        """A text-only model's prompt rows: the ids of `prompt` (no added BOS; ChatML markers map to their
+        special ids) through the model's embedding table."""
+        n_media = len(list(media))
+        if n_media:
+            raise InvalidInput(f"this model takes no media: {n_media} media array(s) were given with a "
+                               "text-only prompt (put image descriptions and transcripts into its text)")
+        for placeholder in (IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER):
+            if placeholder in prompt:
+                raise InvalidInput(f"this model takes no media: the prompt holds the placeholder "
+                                   f"{placeholder!r}")
+        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        if not ids:
+            raise InvalidInput("the prompt has no tokens")
+        with torch.no_grad():
+            rows = torch.tensor(ids, dtype=torch.long, device=self.embedder.device)
+            embeds = self.embedder.model.embed_tokens(rows)
+        return ids, embeds
+
+    def _check_media(self, ids: list[int], media: Sequence[np.ndarray]
+                     ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[np.ndarray]]:
+        kinds = ["<image>" if i == IMAGE_TOKEN_ID else "<audio>" for i in ids
+                 if i in (IMAGE_TOKEN_ID, AUDIO_TOKEN_ID)]
+        media = list(media)
+        if len(media) != len(kinds):
+            raise InvalidInput(f"the prompt has {len(kinds)} media placeholder(s) ({', '.join(kinds) or 'none'}) "
+                               f"but {len(media)} media array(s) were given")
+        images, audios, arrays = [], [], []
+        for k, (kind, rows) in enumerate(zip(kinds, media)):
+            arr = np.asarray(rows)
+            if arr.ndim != 2 or arr.shape[1] != self.hidden_size or not np.issubdtype(arr.dtype, np.floating):
+                raise InvalidInput(f"media[{k}] (for {kind}) must be a float (rows, {self.hidden_size}) array, "
+                                   f"got {arr.dtype} {arr.shape}")
+            if kind == "<image>" and arr.shape[0] != TOKENS_PER_TILE:
+                raise InvalidInput(f"media[{k}] fills an <image> placeholder and must have {TOKENS_PER_TILE} "
+                                   f"rows (one tile), got {arr.shape[0]}")
+            if arr.shape[0] == 0:
+                raise InvalidInput(f"media[{k}] (for {kind}) has no rows")
+            arr = arr.astype(np.float32)
+            arrays.append(arr)
+            (images if kind == "<image>" else audios).append(torch.from_numpy(arr))
+        return (torch.stack(images) if images else None), audios, arrays
+
+
 class LLMEngine:
     """Streamed generation for ChatML prompts with their media rows spliced into the placeholders.
 
@@ -278,15 +374,12 @@ class LLMEngine:
         if missing:
             raise TypeError(f"{type(model).__name__} is not a causal LM the batch engine can run: it lacks "
                             f"{', '.join(missing)}")
-        if raw_config is None:
-            raw_config = {"eos_token_id": getattr(model.config, "eos_token_id", None)}
         self.model = model
+        self.prompts = PromptBuilder(model, tokenizer, raw_config=raw_config)
+        self.tokenizer = self.prompts.tokenizer
+        self.hidden_size = self.prompts.hidden_size
+        self.takes_media = self.prompts.takes_media
         self._after_step = after_step
-        self.tokenizer = tokenizer if isinstance(tokenizer, LockedTokenizer) else LockedTokenizer(tokenizer)
-        self.hidden_size = int(self.model.config.hidden_size)
-        # VITA's LLM splices encoder rows into placeholders; any other model reads text only.
-        self.takes_media = callable(getattr(model, "splice_embeddings", None))
-        self.stop_ids = self._stop_ids(raw_config)
         self.engine_config = engine_config or EngineConfig()
         self._batcher: BatchEngine | None = None
         self._batcher_lock = threading.Lock()
@@ -299,12 +392,13 @@ class LLMEngine:
         return cls(checkpoint.load_llm(dtype, device), checkpoint.tokenizer(),
                    raw_config=checkpoint.raw_config, engine_config=engine_config, after_step=after_step)
 
-    def _stop_ids(self, raw_config: dict[str, Any]) -> frozenset[int]:
-        """`<|im_end|>` (the end of a ChatML turn), `<|endoftext|>`, and the tokenizer's and config's eos."""
-        ids = {self.tokenizer.token_id(IM_END), self.tokenizer.token_id(ENDOFTEXT), self.tokenizer.eos_token_id}
-        eos = raw_config.get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else [eos])
-        return frozenset(int(i) for i in ids if i is not None)
+    @property
+    def stop_ids(self) -> frozenset[int]:
+        return self.prompts.stop_ids
+
+    @stop_ids.setter
+    def stop_ids(self, ids: frozenset[int]) -> None:
+        self.prompts.stop_ids = ids
 
     @property
     def batcher(self) -> BatchEngine:
@@ -312,6 +406,13 @@ class LLMEngine:
             if self._batcher is None:
                 self._batcher = BatchEngine(self.model, self.engine_config, after_step=self._after_step)
             return self._batcher
+
+    def describe(self) -> str:
+        """One log line: the engine and its budget (starts the batch engine: a budget that does not fit
+        fails here)."""
+        pool = self.batcher.pool
+        return (f"engine transformers, KV pool {pool.capacity_tokens} tokens ({pool.bytes / 2**20:.1f} MiB), "
+                f"{self.engine_config}")
 
     def close(self) -> None:
         """Stop the batch engine; unfinished requests end with Unavailable."""
@@ -321,45 +422,8 @@ class LLMEngine:
             batcher.close()
 
     def prepare(self, prompt: str, media: Sequence[np.ndarray], params: GenerationParams) -> PreparedPrompt:
-        """Validate and splice (raising InvalidInput): `media[k]` fills the k-th placeholder of `prompt`,
-        256 rows for `<image>`, at least one for `<audio>`, each (rows, H). A text-only model (see
-        `takes_media`) takes no media and no placeholders."""
-        check_generation_params(params)
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidInput("prompt must be a non-empty string")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise InvalidInput(f"prompt is too long: {len(prompt)} characters, at most {MAX_PROMPT_CHARS}")
-        if self.takes_media:
-            ids = tokenize_with_placeholders(self.tokenizer, prompt)
-            images, audios, arrays = self._check_media(ids, media)
-            # _check_embeds: finite rows only
-            embeds = self.model._check_embeds(self.model.splice_embeddings(ids, images, audios))
-        else:
-            ids, embeds = self._embed_text(prompt, media)
-            arrays = []
-        sampling = SamplingParams.checked(int(params.max_tokens), float(params.temperature), int(params.top_k),
-                                          float(params.top_p), None if params.seed is None else int(params.seed),
-                                          self.stop_ids)
-        return PreparedPrompt(embeds, sequence_keys(ids, arrays), sampling)
-
-    def _embed_text(self, prompt: str, media: Sequence[np.ndarray]) -> tuple[list[int], torch.Tensor]:
-        """A text-only model's prompt rows: the ids of `prompt` (no added BOS; ChatML markers map to their
-        special ids) through the model's embedding table."""
-        n_media = len(list(media))
-        if n_media:
-            raise InvalidInput(f"this model takes no media: {n_media} media array(s) were given with a "
-                               "text-only prompt (put image descriptions and transcripts into its text)")
-        for placeholder in (IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER):
-            if placeholder in prompt:
-                raise InvalidInput(f"this model takes no media: the prompt holds the placeholder "
-                                   f"{placeholder!r}")
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        if not ids:
-            raise InvalidInput("the prompt has no tokens")
-        with torch.no_grad():
-            rows = torch.tensor(ids, dtype=torch.long, device=self.model.device)
-            embeds = self.model.model.embed_tokens(rows)
-        return ids, embeds
+        """`PromptBuilder.prepare`: the checked, spliced request (raises InvalidInput)."""
+        return self.prompts.prepare(prompt, media, params)
 
     def submit(self, prepared: PreparedPrompt, sink: TokenSink, *, session_id: str = "",
                is_cancelled: IsCancelled | None = None) -> RequestHandle:
@@ -379,30 +443,6 @@ class LLMEngine:
         sink = _QueueSink()
         handle = self.submit(self.prepare(prompt, media, params), sink, session_id=session_id)
         return self._deltas(sink, handle, is_cancelled)
-
-    def _check_media(self, ids: list[int], media: Sequence[np.ndarray]
-                     ) -> tuple[torch.Tensor | None, list[torch.Tensor], list[np.ndarray]]:
-        kinds = ["<image>" if i == IMAGE_TOKEN_ID else "<audio>" for i in ids
-                 if i in (IMAGE_TOKEN_ID, AUDIO_TOKEN_ID)]
-        media = list(media)
-        if len(media) != len(kinds):
-            raise InvalidInput(f"the prompt has {len(kinds)} media placeholder(s) ({', '.join(kinds) or 'none'}) "
-                               f"but {len(media)} media array(s) were given")
-        images, audios, arrays = [], [], []
-        for k, (kind, rows) in enumerate(zip(kinds, media)):
-            arr = np.asarray(rows)
-            if arr.ndim != 2 or arr.shape[1] != self.hidden_size or not np.issubdtype(arr.dtype, np.floating):
-                raise InvalidInput(f"media[{k}] (for {kind}) must be a float (rows, {self.hidden_size}) array, "
-                                   f"got {arr.dtype} {arr.shape}")
-            if kind == "<image>" and arr.shape[0] != TOKENS_PER_TILE:
-                raise InvalidInput(f"media[{k}] fills an <image> placeholder and must have {TOKENS_PER_TILE} "
-                                   f"rows (one tile), got {arr.shape[0]}")
-            if arr.shape[0] == 0:
-                raise InvalidInput(f"media[{k}] (for {kind}) has no rows")
-            arr = arr.astype(np.float32)
-            arrays.append(arr)
-            (images if kind == "<image>" else audios).append(torch.from_numpy(arr))
-        return (torch.stack(images) if images else None), audios, arrays
 
     def _deltas(self, sink: _QueueSink, handle: RequestHandle, is_cancelled: IsCancelled) -> Iterator[TokenDelta]:
         detok = StreamDetokenizer(self.tokenizer)

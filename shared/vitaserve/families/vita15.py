@@ -103,6 +103,15 @@ class Vita15Family(ModelFamily):
             return EncoderEngine(engines.VisionEngine(checkpoint, **common), rows_encoding)
         if component == "audio_encoder":
             return EncoderEngine(engines.AudioEngine(checkpoint, **common), rows_encoding)
+        if component == "llm_decoder" and options.params.get("engine", "transformers") == "vllm":
+            from vitaserve.components.vllm_engine import VllmLLMEngine, VllmOptions, vita_llm_dir
+            from vitaserve.models.llm import PromptEmbedder
+
+            prompts = engines.PromptBuilder(
+                PromptEmbedder(checkpoint.config.llm, checkpoint.load_embedding_table(**common)),
+                checkpoint.tokenizer(), raw_config=checkpoint.raw_config)
+            return VllmLLMEngine(vita_llm_dir(checkpoint), prompts, VllmOptions.from_parameters(options.params),
+                                 after_step=after_step)
         if component == "llm_decoder":
             from vitaserve.batching import EngineConfig
 

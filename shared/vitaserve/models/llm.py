@@ -267,6 +267,34 @@ class VitaLLM(Qwen2ForCausalLM):
             raise
 
 
+class TextEmbedder:
+    """An LLM's embedding side alone: its input table, for an engine that holds the rest of the model itself
+    (vLLM takes the prompt as embedding rows). Quacks like the loaded LLM where `PromptBuilder` looks:
+    `model.embed_tokens`, `config`, `dtype`, `device`."""
+
+    def __init__(self, config: Any, table: torch.Tensor) -> None:
+        if table.dim() != 2 or table.shape[1] != config.hidden_size:
+            raise ValueError(f"embedding table of shape {tuple(table.shape)} does not match hidden_size "
+                             f"{config.hidden_size}")
+        self.config = config
+        self.model = torch.nn.Module()
+        self.model.embed_tokens = torch.nn.Embedding.from_pretrained(table, freeze=True)
+        self.dtype = table.dtype
+        self.device = table.device
+
+
+class PromptEmbedder(TextEmbedder):
+    """VITA-1.5's embedding side alone: the table plus `VitaLLM`'s own splicing and checks (the same
+    functions, so both engines get bit-identical prompt rows)."""
+
+    splice_embeddings = VitaLLM.splice_embeddings
+    _embed = VitaLLM._embed
+    _check_ids = VitaLLM._check_ids
+    _check_images = VitaLLM.__dict__["_check_images"]
+    _check_audios = VitaLLM.__dict__["_check_audios"]
+    _check_embeds = VitaLLM._check_embeds
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int

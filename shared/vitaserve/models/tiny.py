@@ -87,10 +87,17 @@ def _golden_state(golden: Path) -> tuple[dict, dict, dict]:
     )
 
 
-def write_tiny_checkpoint(out: str | Path, *, seed: int = 0, golden: str | Path | None = None) -> Path:
-    """Write a complete checkpoint directory to `out` and return its path."""
+def write_tiny_checkpoint(out: str | Path, *, seed: int = 0, golden: str | Path | None = None,
+                          llm_overrides: dict[str, Any] | None = None) -> Path:
+    """Write a complete checkpoint directory to `out` and return its path. `llm_overrides` changes the LLM's
+    config (random weights only), e.g. `{"num_attention_heads": 2, "num_key_value_heads": 1}` for head_dim
+    32, which vLLM's CPU attention needs."""
     out = Path(out)
     cfgs = json.loads((Path(golden) / "tiny_configs.json").read_text()) if golden else tiny_configs()
+    if llm_overrides:
+        if golden:
+            raise ValueError("llm_overrides need random weights: the golden weights have the golden shapes")
+        cfgs["main_config"] = {**cfgs["main_config"], **llm_overrides}
     main, decoder, codec = _golden_state(Path(golden)) if golden else _random_state(cfgs, seed)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -49,6 +49,21 @@ SPEECH_ENGINE_DEFAULTS = {
     "prompts_per_step": "4",
     "codec_workers": "1",
 }
+# llm_decoder's engine: "transformers" (the continuous-batching engine above) or "vllm"
+# (`vitaserve.components.vllm_engine`, whose options are the vllm_* parameters; a test keeps them equal to
+# `VllmOptions`' defaults). vLLM runs in its own Python environment: services/triton/README.md.
+LLM_ENGINE_CHOICE = {
+    "engine": "transformers",
+    "vllm_tensor_parallel_size": "1",
+    "vllm_dtype": "auto",
+    "vllm_gpu_memory_utilization": "0.9",
+    "vllm_kv_cache_bytes": "0",
+    "vllm_max_num_seqs": "64",
+    "vllm_max_model_len": "8192",
+    "vllm_enforce_eager": "false",
+    "vllm_max_queue": "256",
+}
+LLM_ENGINES = ("transformers", "vllm")
 # llm_decoder's response stream (`vitaserve.triton.backend.TokenStream`): tokens per coalesced response,
 # 0 = unbounded (a response carries every token produced since the stream's previous one).
 LLM_STREAM_DEFAULTS = {"max_tokens_per_response": "0"}
@@ -89,10 +104,13 @@ def render_config(spec: ModelSpec, *, family: str = "", checkpoint_dir: str = ""
     lines.append(f"instance_group [ {{ kind: {kind_name}, count: {instances} }} ]")
     params = {"family": family, "checkpoint_dir": checkpoint_dir, "dtype": dtype, "device": device}
     if spec.name == "llm_decoder":  # one engine thread batches every stream: no worker threads to size
-        known = {**LLM_ENGINE_DEFAULTS, **LLM_STREAM_DEFAULTS}
+        known = {**LLM_ENGINE_DEFAULTS, **LLM_ENGINE_CHOICE, **LLM_STREAM_DEFAULTS}
         unknown = sorted(set(llm_engine or {}) - set(known))
         if unknown:
             raise ValueError(f"unknown llm_decoder engine parameter(s) {unknown}; known: {sorted(known)}")
+        engine = (llm_engine or {}).get("engine", "transformers")
+        if engine not in LLM_ENGINES:
+            raise ValueError(f"llm_decoder engine must be one of {LLM_ENGINES}, got {engine!r}")
         params.update({**known, **{k: str(v) for k, v in (llm_engine or {}).items()}})
     elif spec.name == "speech_synth":
         unknown = sorted(set(speech_engine or {}) - set(SPEECH_ENGINE_DEFAULTS))
@@ -189,7 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="segments one instance of speech_synth decodes together (its batch size)")
     parser.add_argument("--llm-engine", action="append", default=[], metavar="KEY=VALUE",
                         help="llm_decoder engine/stream parameter, repeatable: "
-                        + ", ".join([*LLM_ENGINE_DEFAULTS, *LLM_STREAM_DEFAULTS]))
+                        + ", ".join([*LLM_ENGINE_DEFAULTS, *LLM_ENGINE_CHOICE, *LLM_STREAM_DEFAULTS]))
     parser.add_argument("--speech-engine", action="append", default=[], metavar="KEY=VALUE",
                         help="speech_synth engine parameter, repeatable: " + ", ".join(SPEECH_ENGINE_DEFAULTS))
     parser.add_argument("--models", default=None, help="comma-separated subset (default: all four)")

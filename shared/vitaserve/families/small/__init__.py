@@ -103,6 +103,10 @@ class SmallFamily(ModelFamily):
             from vitaserve.families.small.asr import SpeechRecognizer
 
             return EncoderEngine(SpeechRecognizer(cpu_threads=threads), text_encoding)
+        if component == "llm_decoder" and options.params.get("engine", "transformers") == "vllm":
+            from vitaserve.families.small.llm import small_vllm_engine
+
+            return small_vllm_engine(options, after_step=after_step)
         if component == "llm_decoder":
             from vitaserve.batching import EngineConfig
             from vitaserve.families.small.llm import small_llm_engine

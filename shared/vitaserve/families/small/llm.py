@@ -258,3 +258,29 @@ def small_llm_engine(cache_dir: str | os.PathLike[str] | None = None, *, dtype: 
 
     model, tokenizer = load_small_llm(cache_dir, dtype=dtype, device=device)
     return LLMEngine(model, tokenizer, engine_config=engine_config, after_step=after_step)
+
+
+def small_vllm_engine(options: Any, *, after_step: Callable[[], None] | None = None) -> Any:
+    """SmolLM2-135M-Instruct on vLLM (`vitaserve.components.vllm_engine`): vLLM loads the converted cache
+    directory as it is; the prompt rows come from the same embedding table through the same
+    `PromptBuilder` as the transformers engine's."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    from vitaserve.components.engines import PromptBuilder
+    from vitaserve.components.vllm_engine import VllmLLMEngine, VllmOptions
+    from vitaserve.models.checkpoint import resolve_dtype
+    from vitaserve.models.llm import TextEmbedder
+
+    path = ensure_converted(None)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    table = None
+    for shard in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            if "model.embed_tokens.weight" in f.keys():  # noqa: SIM118 - safe_open has no __contains__
+                table = f.get_tensor("model.embed_tokens.weight")
+    if table is None:
+        raise CheckpointError(f"{path}: no model.embed_tokens.weight")
+    table = table.to(dtype=resolve_dtype(options.dtype), device=options.device)
+    prompts = PromptBuilder(TextEmbedder(config, table), AutoTokenizer.from_pretrained(path, local_files_only=True))
+    return VllmLLMEngine(path, prompts, VllmOptions.from_parameters(options.params), after_step=after_step)

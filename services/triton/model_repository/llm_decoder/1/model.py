@@ -80,10 +80,8 @@ class TritonPythonModel:
         self.responses = backend.ResponseDispatcher(SPEC.name)
         # after each engine step, that step's sends go to the sender threads in one hand-over
         self.engine = backend.build_engine(SPEC.name, family, options, after_step=self.responses.flush)
-        batcher = self.engine.batcher  # allocates the KV pool now: a budget that does not fit fails the load
-        pb_utils.Logger.log_info(f"{SPEC.name}: family {family.name}, KV pool {batcher.pool.capacity_tokens} "
-                                 f"tokens ({batcher.pool.bytes / 2**20:.1f} MiB), "
-                                 f"{self.engine.engine_config}, "
+        # describe() starts the engine (allocates its KV cache): a budget that does not fit fails the load
+        pb_utils.Logger.log_info(f"{SPEC.name}: family {family.name}, {self.engine.describe()}, "
                                  f"max_tokens_per_response={self.max_tokens_per_response or 'unbounded'}")
         self.detokenizer = lambda: StreamDetokenizer(self.engine.tokenizer)
 
