@@ -134,6 +134,16 @@ def test_a_bad_request_fails_alone(small: tuple) -> None:
     bad, good = run(both())
     assert isinstance(bad, InvalidInput) and "takes no media" in str(bad), bad
     assert good[2] in ("stop", "length") and good[0]
+    # longer than the engine's max_model_len (2048): vLLM refuses it, as a clear error of that request only
+    long_prompt = "<|im_start|>user\n" + "cat " * 3000 + "<|im_end|>\n<|im_start|>assistant\n"
+
+    async def too_long() -> tuple:
+        return await asyncio.gather(generate(fast.grpc_url, long_prompt), generate(fast.grpc_url, SMALL_PROMPTS[1]),
+                                    return_exceptions=True)
+
+    refused, fine = run(too_long())
+    assert isinstance(refused, InvalidInput) and "refused" in str(refused), refused
+    assert fine[2] in ("stop", "length") and fine[0]
 
 
 def _request_line(server: TritonServer, request_id: str, timeout: float = 15.0) -> str:

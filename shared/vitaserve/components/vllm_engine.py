@@ -222,11 +222,12 @@ class VllmLLMEngine:
             reason = "cancelled"
         except VitaserveError as exc:
             error = exc
-        except ValueError as exc:  # vLLM refuses the request itself (too long for max_model_len, ...)
-            error = InvalidInput(f"the LLM engine refused the request: {exc}")
-        except Exception as exc:  # reported on this request's stream, the engine goes on
-            log.exception("vLLM request %s failed", request.request_id)
-            error = Unavailable(f"the LLM engine failed: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # refused (vllm.exceptions.VLLMClientError: too long, ...) or failed
+            if isinstance(exc, ValueError) or any(c.__name__ == "VLLMClientError" for c in type(exc).__mro__):
+                error = InvalidInput(f"the LLM engine refused the request: {exc}")
+            else:
+                log.exception("vLLM request %s failed", request.request_id)
+                error = Unavailable(f"the LLM engine failed: {type(exc).__name__}: {exc}")
         finally:
             watcher.cancel()
             request.done = True
