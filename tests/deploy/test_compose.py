@@ -72,6 +72,58 @@ def test_gpu_host_layout() -> None:
     assert "redis" in services["orchestrator"]["depends_on"]
 
 
+def test_gpu_vllm_profile_swaps_only_the_llm() -> None:
+    """Profile gpu-vllm: the gpu stack with llm_decoder on vLLM (its own image and Dockerfile, a larger
+    /dev/shm, VITASERVE_VLLM_CACHE on a volume); the orchestrator, gateway and batch worker of that profile
+    point at it, and nothing of the transformers LLM's set runs."""
+    services = _profile(_config("--profile", "gpu-vllm")["services"], "gpu-vllm")
+    assert not {"triton-llm", "orchestrator", "gateway", "batch-worker"} & set(services)
+    loaded = {name: _models(svc) for name, svc in services.items() if _models(svc)}
+    assert sorted(m for ms in loaded.values() for m in ms) == sorted(COMPONENTS)
+    llm = services["triton-llm-vllm"]
+    assert loaded["triton-llm-vllm"] == ["llm_decoder"]
+    assert llm["image"].startswith("vitaserve/triton-vllm:")
+    dockerfile = Path(llm["build"]["context"]) / llm["build"]["dockerfile"]
+    assert dockerfile == ROOT / "services" / "triton" / "Dockerfile.vllm" and dockerfile.is_file()
+    assert llm["read_only"] is True and llm["deploy"]["resources"]["reservations"]["devices"][0]["count"] == 1
+    cache = llm["environment"]["VITASERVE_VLLM_CACHE"]
+    assert any(v.startswith("vllm-cache:") and v.split(":")[1] == cache for v in llm["volumes"])
+    assert llm["shm_size"] in ("8gb", 8 * 1024**3)
+    for name in ("triton-vision", "triton-audio", "triton-speech"):
+        assert services[name]["image"].startswith("vitaserve/triton:"), name
+    settings = _settings(services["orchestrator-vllm"]["environment"])
+    for component, url in settings.component_urls().items():
+        assert loaded[url.split(":")[0]] == [component]
+    assert "triton-llm-vllm" in services["orchestrator-vllm"]["depends_on"]
+    assert services["gateway-vllm"]["environment"]["VITASERVE_GATEWAY_ORCHESTRATOR_ADDRESS"] == \
+        "orchestrator-vllm:50051"
+    assert services["batch-worker-vllm"]["environment"]["VITASERVE_BATCH_LLM_DECODER_URL"] == "triton-llm-vllm:8001"
+    assert "batch-beat" in services
+
+
+def test_the_vllm_image_renders_llm_decoder_with_engine_vllm() -> None:
+    """The repository Dockerfile.vllm bakes for compose: the renderer's command, run here."""
+    import re
+    import shlex
+    import tempfile
+
+    from vitaserve.triton.repository import main as render_main
+
+    text = (ROOT / "services" / "triton" / "Dockerfile.vllm").read_text()
+    assert re.search(r"^ARG TRITON_IMAGE=nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-vllm-python-py3$", text, re.M)
+    assert re.search(r"^USER 1000$", text, re.M) and "pip install --no-deps ." in text
+    command = re.search(r"python -m vitaserve\.triton\.repository (.*?)(?:\\\n|\n)", text.replace(
+        "\\\n      ", " ")).group(1)
+    args = shlex.split(command)
+    with tempfile.TemporaryDirectory() as out:
+        args[args.index("--out") + 1] = out
+        args[args.index("--source") + 1] = str(ROOT / "services" / "triton" / "model_repository")
+        assert render_main(args) == 0
+        config = (Path(out) / "llm_decoder" / "config.pbtxt").read_text()
+        assert sorted(p.name for p in Path(out).iterdir()) == ["llm_decoder"]
+    assert 'key: "engine" value: { string_value: "vllm" }' in config
+
+
 def test_cpu_profile() -> None:
     services = _profile(_config("--profile", "cpu")["services"], "cpu")
     assert "deploy" not in services["triton-cpu"]

@@ -66,7 +66,7 @@ def triton_deployments(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def test_ci_values_files_exist() -> None:
-    assert {"gpu-cluster.yaml", "external-redis.yaml"} <= set(VALUES_FILES)
+    assert {"gpu-cluster.yaml", "external-redis.yaml", "gpu-vllm.yaml"} <= set(VALUES_FILES)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -182,6 +182,70 @@ def test_engine_parameters_are_refused_where_no_engine_takes_them() -> None:
     with pytest.raises(helm.HelmError, match="only llm_decoder and speech_synth take engine parameters"):
         chart.render({"triton": {"components": {"vision_encoder": {"name": "vision", "engine": {"x": 1}}}}},
                      name="vs", namespace="ml")
+
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def test_llm_decoder_on_vllm_runs_its_own_image_with_a_writable_cache() -> None:
+    """ci/gpu-vllm.yaml: llm_decoder (init container and server) runs the vLLM image with engine=vllm and
+    the vllm_* parameters rendered into its config, VITASERVE_VLLM_CACHE on a writable emptyDir, and a larger
+    /dev/shm; the other components keep the Triton image and get none of it."""
+    from vitaserve.triton.repository import LLM_ENGINE_CHOICE
+
+    docs = render("gpu-vllm.yaml")
+    engine = values_of("gpu-vllm.yaml")["triton"]["components"]["llm_decoder"]["engine"]
+    assert engine["engine"] == "vllm" and set(engine) - {"engine"} <= set(LLM_ENGINE_CHOICE)
+    for model, deployment in triton_deployments(docs).items():
+        spec = deployment["spec"]["template"]["spec"]
+        (triton,) = spec["containers"]
+        (init,) = spec["initContainers"]
+        mounts = {m["name"]: m for m in triton["volumeMounts"]}
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        if model == "llm_decoder":
+            assert triton["image"] == init["image"] == "registry.example.com/vitaserve/triton-vllm:0.1.0"
+            assert {f"--llm-engine={k}={v}" for k, v in engine.items()} <= set(init["args"])
+            path = _env(triton)["VITASERVE_VLLM_CACHE"]
+            assert mounts["vllm-cache"]["mountPath"] == path and not mounts["vllm-cache"].get("readOnly")
+            assert volumes["vllm-cache"] == {"name": "vllm-cache", "emptyDir": {"sizeLimit": "24Gi"}}
+            assert volumes["shm"]["emptyDir"]["sizeLimit"] == "8Gi"
+        else:
+            assert triton["image"] == init["image"] == "registry.example.com/vitaserve/triton:0.1.0"
+            assert not [a for a in init["args"] if a.startswith("--llm-engine")]
+            assert "VITASERVE_VLLM_CACHE" not in _env(triton) and "vllm-cache" not in mounts | volumes
+            assert volumes["shm"]["emptyDir"]["sizeLimit"] == "2Gi"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "gpu-vllm.yaml"])
+def test_no_vllm_unless_the_llm_engine_is_vllm(case: str) -> None:
+    for model, deployment in triton_deployments(render(case)).items():
+        spec = deployment["spec"]["template"]["spec"]
+        assert "vllm" not in json.dumps(spec), (case, model)
+
+
+def test_a_component_image_overrides_key_by_key_and_the_cache_may_be_a_volume() -> None:
+    values = {"triton": {"image": {"repository": "r/triton", "tag": "1.2", "pullPolicy": "Always"},
+                         "vllmCache": {"path": "/cache/vllm",
+                                       "volume": {"persistentVolumeClaim": {"claimName": "vllm-cache"}}},
+                         "components": {"llm_decoder": {"name": "llm", "image": {"repository": "r/triton-vllm"},
+                                                        "engine": {"engine": "vllm"}}}}}
+    docs = render_with(values)["docs"]
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+    deployments = triton_deployments(docs)
+    spec = deployments["llm_decoder"]["spec"]["template"]["spec"]
+    (triton,) = spec["containers"]
+    assert (triton["image"], triton["imagePullPolicy"]) == ("r/triton-vllm:1.2", "Always")
+    assert _env(triton)["VITASERVE_VLLM_CACHE"] == "/cache/vllm"
+    (cache,) = [v for v in spec["volumes"] if v["name"] == "vllm-cache"]
+    assert cache == {"name": "vllm-cache", "persistentVolumeClaim": {"claimName": "vllm-cache"}}
+    assert deployments["vision_encoder"]["spec"]["template"]["spec"]["containers"][0]["image"] == "r/triton:1.2"
+    # an image alone does not make the engine vllm: no cache volume
+    plain = render_with({"triton": {"components": {"llm_decoder": {"name": "llm", "image": {"tag": "x"}}}}})
+    llm = triton_deployments(plain["docs"])["llm_decoder"]["spec"]["template"]["spec"]
+    assert llm["containers"][0]["image"] == "vitaserve/triton:x" and "vllm" not in json.dumps(llm)
 
 
 def test_gpu_cluster_placement_autoscaling_and_disruption_budgets() -> None:
