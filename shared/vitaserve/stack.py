@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Self
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -63,33 +64,35 @@ def wait_serving(address: str, *, timeout_s: float, proc: subprocess.Popen | Non
             time.sleep(0.05)
 
 
-class OrchestratorProcess:
-    """`python -m vitaserve_orchestrator` on a free loopback port, configured through its environment.
-    `wait_ready=False` returns once the server answers health checks, ready or not (its components may be
-    down on purpose)."""
+class ServiceProcess:
+    """`python -m <module>` in a session of its own, its output in `log_path`, started by `start()` (which
+    returns once `_wait()` says it serves, else stops it and raises with the log's tail) and stopped by pid
+    (SIGTERM, then SIGKILL of its group after `stop_timeout_s`)."""
 
-    def __init__(self, env: dict[str, str], *, log_path: Path, startup_timeout_s: float = 60.0,
-                 wait_ready: bool = True) -> None:
-        self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        self._env = {**os.environ, **env, "VITASERVE_LISTEN_ADDRESS": self.address}
+    module = ""
+    stop_timeout_s = 20.0
+
+    def __init__(self, env: dict[str, str], *, log_path: Path, startup_timeout_s: float) -> None:
+        self._env = env
         self._log_path = log_path
         self._timeout = startup_timeout_s
-        self._wait_ready = wait_ready
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> "OrchestratorProcess":
+    def _wait(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> Self:
         self._log = open(self._log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "vitaserve_orchestrator"], env=self._env,
+        self.proc = subprocess.Popen([sys.executable, "-m", self.module], env=self._env,
                                      stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            wait_serving(self.address, timeout_s=self._timeout, proc=self.proc, require_serving=self._wait_ready)
+            self._wait()
         except BaseException as exc:  # a signal (vitaserve.lifecycle) too: nothing is left running
             self.stop()
             if not isinstance(exc, Exception):
                 raise
             tail = self._log_path.read_text(errors="replace")[-4000:]
-            raise RuntimeError(f"orchestrator did not start: {exc}\n--- log tail ---\n{tail}") from exc
+            raise RuntimeError(f"{self.module} did not start: {exc}\n--- log tail ---\n{tail}") from exc
         return self
 
     @property
@@ -97,18 +100,37 @@ class OrchestratorProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def stop(self, timeout_s: float = 20.0) -> int | None:
+    def stop(self, timeout_s: float | None = None) -> int | None:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=timeout_s)
+                self.proc.wait(timeout=self.stop_timeout_s if timeout_s is None else timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
+
+
+class OrchestratorProcess(ServiceProcess):
+    """`python -m vitaserve_orchestrator` on a free loopback port, configured through its environment.
+    `wait_ready=False` returns once the server answers health checks, ready or not (its components may be
+    down on purpose)."""
+
+    module = "vitaserve_orchestrator"
+
+    def __init__(self, env: dict[str, str], *, log_path: Path, startup_timeout_s: float = 60.0,
+                 wait_ready: bool = True) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        super().__init__({**os.environ, **env, "VITASERVE_LISTEN_ADDRESS": self.address}, log_path=log_path,
+                         startup_timeout_s=startup_timeout_s)
+        self._wait_ready = wait_ready
+
+    def _wait(self) -> None:
+        wait_serving(self.address, timeout_s=self._timeout, proc=self.proc, require_serving=self._wait_ready)
 
 
 def wait_http(url: str, *, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
@@ -131,52 +153,24 @@ def wait_http(url: str, *, timeout_s: float, proc: subprocess.Popen | None = Non
         time.sleep(0.05)
 
 
-class GatewayProcess:
+class GatewayProcess(ServiceProcess):
     """`python -m vitaserve_gateway` (the Realtime WebSocket gateway) on a free loopback port, in front of
     the orchestrator at `orchestrator_address`. `url` is its http://host:port."""
+
+    module = "vitaserve_gateway"
+    stop_timeout_s = 10.0
 
     def __init__(self, orchestrator_address: str, *, log_path: Path, env: dict[str, str] | None = None,
                  startup_timeout_s: float = 30.0, port: int | None = None, host: str = "127.0.0.1") -> None:
         self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
-        self._env = {**os.environ, **(env or {}), "VITASERVE_GATEWAY_HOST": host,
-                     "VITASERVE_GATEWAY_PORT": str(self.port),
-                     "VITASERVE_GATEWAY_ORCHESTRATOR_ADDRESS": orchestrator_address}
-        self._log_path = log_path
-        self._timeout = startup_timeout_s
-        self.proc: subprocess.Popen | None = None
+        super().__init__({**os.environ, **(env or {}), "VITASERVE_GATEWAY_HOST": host,
+                          "VITASERVE_GATEWAY_PORT": str(self.port),
+                          "VITASERVE_GATEWAY_ORCHESTRATOR_ADDRESS": orchestrator_address},
+                         log_path=log_path, startup_timeout_s=startup_timeout_s)
 
-    def start(self) -> "GatewayProcess":
-        self._log = open(self._log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen([sys.executable, "-m", "vitaserve_gateway"], env=self._env,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_http(f"{self.url}/healthz", timeout_s=self._timeout, proc=self.proc)
-        except BaseException as exc:
-            self.stop()
-            if not isinstance(exc, Exception):
-                raise
-            tail = self._log_path.read_text(errors="replace")[-4000:]
-            raise RuntimeError(f"gateway did not start: {exc}\n--- log tail ---\n{tail}") from exc
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self, timeout_s: float = 10.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+    def _wait(self) -> None:
+        wait_http(f"{self.url}/healthz", timeout_s=self._timeout, proc=self.proc)
 
 
 class LocalStack:
