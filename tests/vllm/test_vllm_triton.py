@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import triton_calls
 
 from vitaserve.components.base import GenerationParams
 from vitaserve.components.triton import TritonComponents
@@ -117,7 +118,7 @@ def test_a_cancelled_stream_frees_its_request_and_the_engine_goes_on(small: tupl
     long = GenerationParams(max_tokens=1500, temperature=0.0, top_p=1.0, top_k=0)
     ids, _, _ = run(generate(fast.grpc_url, SMALL_PROMPTS[2], params=long, request_id="cancel-me", stop_after=3))
     assert len(ids) >= 3
-    line = _request_line(fast, "cancel-me")
+    line = triton_calls.request_log_line(fast, "llm_decoder", "cancel-me", timeout=15.0)
     assert "cancelled" in line, line
     after = run(generate(fast.grpc_url, SMALL_PROMPTS[0]))
     assert after[2] == "stop" and after[0]
@@ -144,20 +145,6 @@ def test_a_bad_request_fails_alone(small: tuple) -> None:
     refused, fine = run(too_long())
     assert isinstance(refused, InvalidInput) and "refused" in str(refused), refused
     assert fine[2] in ("stop", "length") and fine[0]
-
-
-def _request_line(server: TritonServer, request_id: str, timeout: float = 15.0) -> str:
-    import re
-    import time
-
-    pattern = re.compile(rf"llm_decoder request_id='{re.escape(request_id)}' [^\n]*")
-    deadline = time.monotonic() + timeout
-    while True:
-        match = pattern.search(server.log_path.read_text(errors="replace"))
-        if match:
-            return match.group(0)
-        assert time.monotonic() < deadline, f"no log line for {request_id}:\n{server.log_tail()}"
-        time.sleep(0.05)
 
 
 # ---- VITA-1.5 (tiny, head_dim 32): media rows spliced into the prompt, as prompt embeddings ---------------
