@@ -56,7 +56,7 @@ sysdeps:
 	if [ -n "$$missing" ]; then apt-get update -qq && apt-get install -y -qq $$missing >/dev/null; fi
 
 test: venv venv-vllm sysdeps
-	VITASERVE_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q tests
+	VITASERVE_FAIL_ON_SKIP=1 VITASERVE_VLLM_PYTHON=$(abspath $(VLLM_VENV))/bin/python $(PY) -m pytest -q tests
 
 demo: venv
 	$(PY) -m vitaserve.demo $(DEMO_ARGS)

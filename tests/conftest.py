@@ -1,8 +1,12 @@
-"""Shared fixtures: paths of the golden data copied into the repository."""
+"""Shared fixtures: paths of the golden data copied into the repository; and, under `make test`
+(VITASERVE_FAIL_ON_SKIP=1), a skipped test counts as failed: `make test` installs everything the suite
+needs (redis-server, chromium, the vLLM venv), so a skip there means a missing piece, never a pass."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import os
 
 import pytest
 
@@ -21,3 +25,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vitaserve.models.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", golden=TINY_GOLDEN)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa: ANN201
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("VITASERVE_FAIL_ON_SKIP") == "1":
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under VITASERVE_FAIL_ON_SKIP=1 (make test installs what tests need): {reason}"

@@ -38,7 +38,9 @@ class RedisServer:
                  extra_args: tuple[str, ...] = (), startup_timeout_s: float = 10.0) -> None:
         binary = redis_server_binary()
         if binary is None:
-            raise FileNotFoundError("redis-server is not installed (Debian: apt-get install redis-server)")
+            raise FileNotFoundError(
+                "redis-server is not installed: `make sysdeps` installs it (Debian: apt-get install -y redis-server)"
+            )
         self._binary = binary
         self.port = port or _free_port()
         self._own_tmp = None if work_dir else tempfile.TemporaryDirectory(prefix="vitaserve-redis-")

@@ -88,14 +88,11 @@ def kind_is(kind: str, response_id: str | None = None):  # noqa: ANN201
 
 def test_a_backchannel_pauses_the_reply_which_resumes_and_completes(stack: LocalStack) -> None:
     backchannel = read_wav_16k(DATA / "speech_short.wav")  # "Hi.", 0.42 s: shorter than the 500 ms minimum
-    # A longer resume silence than the default makes the pause long enough to see in arrival times even
-    # when a loaded server handles several queued chunks at once.
-    policy = pb.BargeInSettings()
-    policy.CopyFrom(POLICY)
-    policy.resume_silence_ms = 600
+    # Checked through what the server reports (events, their order, server-side t_ms and the response's
+    # hold counters), not through gaps in the client's arrival times, which a loaded machine changes.
 
     async def scenario() -> None:
-        async with Conversation.open(stack.orchestrator_address, settings=settings(4, policy)) as conv:
+        async with Conversation.open(stack.orchestrator_address, settings=settings(6)) as conv:
             rec = Recorder(conv)
             try:
                 await conv.send_audio(silence(200), chunk_ms=20)  # the server loads this stream's VAD
@@ -108,25 +105,26 @@ def test_a_backchannel_pauses_the_reply_which_resumes_and_completes(stack: Local
                 await rec.wait_for(kind_is("speech_stopped"))
             finally:
                 await rec.stop()
-            kinds = [e.WhichOneof("event") for _, e in rec.events]
+            events = [e for _, e in rec.events]
+            kinds = [e.WhichOneof("event") for e in events]
             assert "interrupted" not in kinds and kinds.count("turn_started") == 1, kinds
-            started = [t for t, _ in rec.of("speech_started")]
-            assert started, "the VAD must have heard the backchannel"
-            audio = rec.of("audio", rid)
+            assert "speech_started" in kinds, "the VAD must have heard the backchannel"
+            audio = [e for e in events if e.WhichOneof("event") == "audio" and e.response_id == rid]
             # Full audio, in order, nothing lost or repeated.
-            assert [e.audio.seq for _, e in audio] == list(range(len(audio)))
-            total_ms = sum(len(e.audio.pcm16) // 2 for _, e in audio) / 24
+            assert [e.audio.seq for e in audio] == list(range(len(audio)))
+            total_ms = sum(len(e.audio.pcm16) // 2 for e in audio) / 24
             assert abs(total_ms - done.timings.audio_ms) <= 1 and done.timings.audio_ms > 2000
-            assert all(abs(e.audio.start_ms - sum(len(a.audio.pcm16) // 2 for _, a in audio[:k]) / 24) <= 1
-                       for k, (_, e) in enumerate(audio))
-            # The reply was held while the user spoke: a gap in the paced frames after speech started, and
-            # frames again after it (it resumed).
-            arrivals = [t for t, _ in audio]
-            gaps = [(b - a, a) for a, b in zip(arrivals, arrivals[1:], strict=False) if a >= started[0] - 0.15]
-            assert gaps and max(g for g, _ in gaps) >= 0.25, gaps
-            assert arrivals[-1] > started[0]
-            # Paced: the whole reply took about its own duration to arrive (not the second it takes to make).
-            assert arrivals[-1] - arrivals[0] >= (done.timings.audio_ms - 400) / 1000
+            assert all(abs(e.audio.start_ms - sum(len(a.audio.pcm16) // 2 for a in audio[:k]) / 24) <= 1
+                       for k, e in enumerate(audio))
+            # The reply was held while the user spoke (the policy's pause), once, then released: it resumed,
+            # so frames of it follow speech_started.
+            assert done.timings.holds == 1, done.timings
+            assert done.timings.held_ms > 0, done.timings
+            started_at = kinds.index("speech_started")
+            assert any(e.WhichOneof("event") == "audio" and e.response_id == rid for e in events[started_at:])
+            # Paced at the server: the frames left over about the reply's own duration (not the second it
+            # takes to make), plus the hold.
+            assert audio[-1].t_ms - audio[0].t_ms >= done.timings.audio_ms - 400
 
     run(scenario())
 

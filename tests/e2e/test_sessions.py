@@ -14,7 +14,7 @@ import grpc
 import pytest
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.client import Conversation, run_turn
-from vitaserve.redis_server import RedisServer, redis_server_binary
+from vitaserve.redis_server import RedisServer
 from vitaserve.replicas import ReplicaSet
 from vitaserve.stack import LocalStack
 from vitaserve_orchestrator.auth import hash_key
@@ -24,7 +24,6 @@ from vitaserve_orchestrator.session import history_reply_text
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.integration,
-    pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not installed"),
 ]
 
 SHORT = pb.SessionSettings(turn_detection="manual", text_only=True, max_reply_tokens=8, seed=3)

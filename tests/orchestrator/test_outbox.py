@@ -114,3 +114,28 @@ def test_client_playback_report_lowers_played_ms() -> None:
     assert p.played_ms == 250
     p.client_played_ms = 10_000  # a client cannot have played more than it was sent
     assert p.played_ms == 400
+
+
+def test_response_done_reports_the_holds_of_its_audio_when_sent() -> None:
+    async def body() -> None:
+        now = [0.0]
+        box = Outbox("s", clock=lambda: now[0])
+        playout = Playout(lead_ms=1000.0)
+        box.watch("r1", playout, lambda _e: None)
+        box.put(audio(0, 0), response_id="r1")
+        box.put(ResponseDone("a", "", Timings(tokens=3)), response_id="r1")
+        playout.held = True  # the user may be interrupting: nothing of r1 is due
+        playout.held = True  # a repeated level is not a second hold
+        assert box.poll() is None
+        now[0] = 0.75
+        assert playout.held_ms == pytest.approx(750.0)  # a running hold counts
+        playout.held = False
+        now[0] = 2.0
+        sent = [box.poll(), box.poll()]
+        assert isinstance(sent[0].event, AudioOut)
+        done = sent[1].event
+        assert isinstance(done, ResponseDone)
+        assert (done.timings.tokens, done.timings.holds) == (3, 1)
+        assert done.timings.held_ms == pytest.approx(750.0)
+
+    run(body())

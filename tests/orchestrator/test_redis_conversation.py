@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import make_config, run
 from fakes import FakeComponents
-from vitaserve.redis_server import RedisServer, redis_server_binary
+from vitaserve.redis_server import RedisServer
 from vitaserve_orchestrator import events as ev
 from vitaserve_orchestrator.auth import Tenant
 from vitaserve_orchestrator.conversation import Conversation
@@ -22,7 +22,6 @@ from vitaserve_orchestrator.session import Session, SettingsUpdate
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not installed"),
 ]
 
 END = (ev.ResponseDone, ev.Interrupted, ev.ErrorEvent)

@@ -16,7 +16,7 @@ import pytest
 from conftest import make_config, run
 from vitaserve.errors import NotFound, ResourceExhausted, Unavailable, VitaserveError
 from vitaserve.models.prompt import Turn
-from vitaserve.redis_server import RedisServer, redis_server_binary
+from vitaserve.redis_server import RedisServer
 from vitaserve_orchestrator.redis_keys import RedisKeys
 from vitaserve_orchestrator.redis_store import RedisSessionStore
 from vitaserve_orchestrator.session import (
@@ -33,7 +33,6 @@ from vitaserve_orchestrator.session import (
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not installed"),
 ]
 
 SETTINGS = SessionSettings.resolve(

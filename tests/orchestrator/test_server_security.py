@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.client import Conversation, run_turn
 from vitaserve.components.inprocess import InProcessComponents
-from vitaserve.redis_server import RedisServer, redis_server_binary
+from vitaserve.redis_server import RedisServer
 from vitaserve_orchestrator.auth import hash_key
 from vitaserve_orchestrator.server import OrchestratorServer, create_server
 from vitaserve_orchestrator.settings import OrchestratorSettings
@@ -160,7 +160,6 @@ def test_api_keys_tenants_and_message_limit(components: InProcessComponents, tmp
     run(body(), timeout=60)
 
 
-@pytest.mark.skipif(redis_server_binary() is None, reason="redis-server is not installed")
 def test_readiness_follows_the_redis_store(components: InProcessComponents, tmp_path: Path) -> None:
     async def body() -> None:
         with RedisServer(work_dir=tmp_path) as redis:

@@ -663,7 +663,7 @@ class RealtimeSession:
         usage = {"total_tokens": t.tokens, "input_tokens": 0, "output_tokens": t.tokens}
         # The orchestrator's own timings of the turn (ms from the commit), as the response's metadata.
         timings = {f"vitaserve.{name}": f"{getattr(t, name):.1f}"
-                   for name in ("encode_ms", "first_token_ms", "first_audio_ms", "total_ms")}
+                   for name in ("encode_ms", "first_token_ms", "first_audio_ms", "total_ms", "held_ms")}
         await self._finish(response, done.text, "completed", None, usage, timings)
 
     async def _up_interrupted(self, message: pb.ServerEvent, interrupted: pb.Interrupted) -> None:

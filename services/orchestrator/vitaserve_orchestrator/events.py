@@ -189,6 +189,8 @@ class Timings:
     total_ms: float = 0.0
     tokens: int = 0
     audio_ms: int = 0
+    holds: int = 0  # times the barge-in policy held the reply audio (speech too short to interrupt)
+    held_ms: float = 0.0  # how long it was held, in all
 
 
 @dataclass(frozen=True)

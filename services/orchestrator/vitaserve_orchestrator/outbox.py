@@ -72,6 +72,10 @@ class Playout:
         self.client_played_ms: int | None = None  # the client's own PlaybackPosition report
         self.playback = PlaybackModel(lead_ms)
         self.clock = clock
+        # Barge-in holds of this response's audio: how many, and for how long (seconds, the stream's clock).
+        self.holds = 0
+        self._held_s = 0.0
+        self._held_since: float | None = None
 
     def segment_started(self, index: int, start: int, end: int, start_ms: float) -> None:
         self.segments[index] = SegmentPlayout(start, end, start_ms)
@@ -85,7 +89,22 @@ class Playout:
 
     @held.setter
     def held(self, value: bool) -> None:
+        if value == self.playback.held:
+            return
+        now = self.clock()
+        if value:
+            self.holds += 1
+            self._held_since = now
+        elif self._held_since is not None:
+            self._held_s += now - self._held_since
+            self._held_since = None
         self.playback.held = value
+
+    @property
+    def held_ms(self) -> float:
+        """How long the barge-in policy has held this response's audio so far (a running hold included)."""
+        running = 0.0 if self._held_since is None else self.clock() - self._held_since
+        return (self._held_s + running) * 1000.0
 
     def on_sent(self, event: ServerEvent) -> None:
         if isinstance(event, AudioOut):
@@ -281,6 +300,10 @@ class Outbox:
         # Stamped when sent, so t_ms rises along the stream although paced audio is passed by other events.
         env = dataclasses.replace(env, t_ms=(now - self._origin) * 1000.0)
         playout = self._playouts.get(env.response_id)
+        if playout is not None and isinstance(env.event, ResponseDone):
+            # Its timings are final only now: the response's audio, held or not, has all gone out before it.
+            timings = dataclasses.replace(env.event.timings, holds=playout.holds, held_ms=playout.held_ms)
+            env = dataclasses.replace(env, event=dataclasses.replace(env.event, timings=timings))
         if playout is not None:
             playout.on_sent(env.event)
             if isinstance(env.event, AudioOut):

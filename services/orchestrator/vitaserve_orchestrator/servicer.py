@@ -208,6 +208,8 @@ def server_event_to_proto(env: ev.Envelope) -> pb.ServerEvent:
                     total_ms=t.total_ms,
                     tokens=t.tokens,
                     audio_ms=t.audio_ms,
+                    holds=t.holds,
+                    held_ms=t.held_ms,
                 ),
             )
         )
