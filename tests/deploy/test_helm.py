@@ -630,7 +630,7 @@ def test_gateway_disabled_renders_nothing() -> None:
                 or d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "gateway"]
     assert "gateway" not in off["notes"].lower()
     assert find(off["docs"], "Deployment", "vs-vitaserve-orchestrator")  # the rest is unchanged
-    assert len(off["docs"]) == len(render("default")) - 4  # ConfigMap, Deployment, Service, PDB
+    assert len(off["docs"]) == len(render("default")) - 5  # ConfigMap, Deployment, Service, PDB, NetworkPolicy
 
 
 def test_gateway_notes_say_how_to_reach_the_page() -> None:

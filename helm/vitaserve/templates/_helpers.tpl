@@ -154,3 +154,12 @@ Service's DNS (the gateway balances its streams round-robin over them). */}}
 {{- printf "dns:///%s-orchestrator-headless:%v" (include "vitaserve.fullname" .) .Values.orchestrator.service.port -}}
 {{- end -}}
 {{- end -}}
+
+{{/* An egress rule to the cluster DNS (networkPolicy.dns), for pods whose other egress is denied. */}}
+{{- define "vitaserve.dnsEgress" -}}
+- to:
+    {{- toYaml .Values.networkPolicy.dns.to | nindent 4 }}
+  ports:
+    - {port: 53, protocol: UDP}
+    - {port: 53, protocol: TCP}
+{{- end -}}
