@@ -47,6 +47,15 @@ class ResourceExhausted(VitaserveError):
     retryable = True
 
 
+class RateLimited(ResourceExhausted):
+    """A rate limit was hit (e.g. a tenant's turns per minute); `retry_after_s` says when the same call may
+    succeed."""
+
+    def __init__(self, message: str, *, retry_after_s: float) -> None:
+        super().__init__(message, retryable=True)
+        self.retry_after_s = retry_after_s
+
+
 class Unavailable(VitaserveError):
     """A dependency (Triton, Redis) cannot be reached right now."""
 

@@ -180,3 +180,41 @@ def test_readiness_follows_the_redis_store(components: InProcessComponents, tmp_
                 await one_turn(address)
 
     run(body(), timeout=60)
+
+
+def test_turn_and_stream_rate_limits_with_the_memory_store(components: InProcessComponents, tmp_path: Path) -> None:
+    """max_turns_per_minute: a commit over it is a RESOURCE_EXHAUSTED error event naming the limit and when to
+    retry, and the stream goes on; max_streams_per_minute: an open over it is RESOURCE_EXHAUSTED with a
+    retry-after trailer. Counted in this process (the memory store); the Redis store: tests/security."""
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({
+        "tenants": {"rated": {"max_turns_per_minute": 2, "max_streams_per_minute": 2}},
+        "keys": [{"sha256": hash_key("key-rated"), "tenant": "rated"},
+                 {"sha256": hash_key("key-free"), "tenant": "free"}],
+    }))
+
+    async def body() -> None:
+        async with serving(components, make_config(api_keys_file=keys)) as (_, address):
+            async with Conversation.open(address, settings=SETTINGS, api_key="key-rated") as conv:  # open 1
+                for text in ("one", "two"):
+                    _, _, _, events = await run_turn(conv, image=None, pcm16=None, text=text, echo=False)
+                    assert events[-1].WhichOneof("event") == "response_done"
+                first_turn = events[0].turn_id
+                await conv.send_text("three")
+                error = (await conv.next_event()).error
+                assert error.code == "RESOURCE_EXHAUSTED" and error.retryable
+                assert "max_turns_per_minute=2" in error.message and "retry in" in error.message
+                # the stream goes on: it still applies events, the history is intact
+                await conv.send(pb.ClientEvent(delete_turn=pb.DeleteTurn(turn_id=first_turn)))
+                assert (await conv.next_event()).turn_deleted.turn_id == first_turn
+                await one_turn(address, api_key="key-free")  # another tenant is not limited
+                async with Conversation.open(address, settings=SETTINGS, api_key="key-rated") as second:
+                    sid = second.session_id  # open 2 is accepted (a turn there would be refused)
+            with pytest.raises(grpc.aio.AioRpcError) as err:  # open 3 within the minute
+                await asyncio.wait_for(one_turn(address, api_key="key-rated", session_id=sid), 10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_streams_per_minute=2" in err.value.details() and "retry in" in err.value.details()
+            retry_after = dict(err.value.trailing_metadata() or ())["retry-after"]
+            assert 0 < float(retry_after) <= 60
+
+    run(body(), timeout=60)

@@ -4,17 +4,19 @@ Clients send their key in gRPC metadata, `authorization: Bearer <key>` (or `x-ap
 never stored: the keys file holds the SHA-256 of each key (hex), compared in constant time
 (`hmac.compare_digest`) against the hash of the presented key. Each key maps to one tenant; each tenant
 has limits (`max_streams`: concurrent Converse streams, counted across replicas by the session store;
-`max_message_bytes`: largest ClientEvent), defaulting to the settings' `tenant_max_*`.
+`max_message_bytes`: largest ClientEvent; `max_turns_per_minute` / `max_streams_per_minute`: responses started
+and Converse streams opened per minute, ratelimit.py), defaulting to the settings' `tenant_max_*` (0 = no limit).
 
 The keys file (`VITASERVE_API_KEYS_FILE`; JSON, or YAML when it ends in .yaml/.yml), e.g. a Kubernetes
 Secret mounted as a file:
 
-    {"tenants": {"acme": {"max_streams": 20, "max_message_bytes": 4194304}},
+    {"tenants": {"acme": {"max_streams": 20, "max_message_bytes": 4194304, "max_turns_per_minute": 120}},
      "keys": [{"sha256": "<hex of sha256(key)>", "tenant": "acme", "name": "acme-prod"}]}
 
 A tenant named by a key but absent from `tenants` gets the defaults. The file is re-read when it changes
-(a rotated Secret), checked at most every `reload_interval_s`; a broken new version is logged and the old
-keys stay in force. At start a broken file is an error (the process does not start).
+(a rotated Secret), checked at most every `reload_interval_s` (`VITASERVE_API_KEYS_RELOAD_S`); a broken
+new version is logged and the old keys stay in force. At start a broken file is an error (the process
+does not start).
 
 No keys file: auth is off, every caller is the tenant `default` with the default limits.
 
@@ -48,6 +50,8 @@ _TENANT_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 _MISSING = "missing API key: send gRPC metadata 'authorization: Bearer <key>' (or 'x-api-key: <key>')"
 _INVALID = "invalid API key"
+# A tenant's limits: the keys file's names = Tenant's fields = the settings' tenant_<name>.
+LIMITS = ("max_streams", "max_message_bytes", "max_turns_per_minute", "max_streams_per_minute")
 
 
 def hash_key(key: str) -> str:
@@ -68,6 +72,8 @@ class Tenant:
     name: str
     max_streams: int = 0
     max_message_bytes: int = 0
+    max_turns_per_minute: int = 0
+    max_streams_per_minute: int = 0
 
     def check_message(self, size: int) -> None:
         """Raises `ResourceExhausted` for a client event over this tenant's message limit."""
@@ -86,18 +92,24 @@ class KeyTable:
     keys: tuple[tuple[bytes, Tenant], ...]  # (sha256 digest, tenant)
 
     @classmethod
-    def parse(cls, data: Any, *, max_streams: int, max_message_bytes: int) -> KeyTable:
-        """From the file's content; raises `ValueError` naming what is wrong."""
+    def parse(cls, data: Any, **defaults: int) -> KeyTable:
+        """From the file's content, with the default limits (`LIMITS`, 0 when not given); raises
+        `ValueError` naming what is wrong."""
+        unknown = set(defaults) - set(LIMITS)
+        if unknown:
+            raise TypeError(f"unknown limits {sorted(unknown)}")
+        defaults = {k: defaults.get(k, 0) for k in LIMITS}
         if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
             raise ValueError("the keys file must be a mapping with a 'keys' list")
         tenants: dict[str, Tenant] = {}
         for name, limits in (data.get("tenants") or {}).items():
             limits = limits or {}
-            unknown = set(limits) - {"max_streams", "max_message_bytes"}
+            if not isinstance(limits, dict):
+                raise ValueError(f"tenant {name!r}: its entry must be a mapping of limits {list(LIMITS)}")
+            unknown = set(limits) - set(LIMITS)
             if unknown:
-                raise ValueError(f"tenant {name!r}: unknown settings {sorted(unknown)}")
-            values = {k: limits.get(k, d) for k, d in
-                      (("max_streams", max_streams), ("max_message_bytes", max_message_bytes))}
+                raise ValueError(f"tenant {name!r}: unknown settings {sorted(unknown)} (known: {list(LIMITS)})")
+            values = {k: limits.get(k, d) for k, d in defaults.items()}
             for k, v in values.items():
                 if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                     raise ValueError(f"tenant {name!r}: {k} must be an integer >= 0, got {v!r}")
@@ -112,12 +124,12 @@ class KeyTable:
                     f"keys[{i}].sha256 must be 64 hex digits (python -m vitaserve_orchestrator.auth hash-key)"
                 )
             name = check_tenant_name(entry.get("tenant", ""))
-            tenant = tenants.get(name) or Tenant(name, max_streams, max_message_bytes)
+            tenant = tenants.get(name) or Tenant(name, **defaults)
             keys.append((bytes.fromhex(digest), tenant))
         return cls(tuple(keys))
 
     @classmethod
-    def load(cls, path: Path, *, max_streams: int, max_message_bytes: int) -> KeyTable:
+    def load(cls, path: Path, **defaults: int) -> KeyTable:
         text = path.read_text(encoding="utf-8")
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -125,7 +137,7 @@ class KeyTable:
             data = yaml.safe_load(text)
         else:
             data = json.loads(text)
-        return cls.parse(data, max_streams=max_streams, max_message_bytes=max_message_bytes)
+        return cls.parse(data, **defaults)
 
     def find(self, key: str) -> Tenant | None:
         digest = hashlib.sha256(key.encode()).digest()
@@ -160,12 +172,16 @@ class Authenticator:
         *,
         max_streams: int = 0,
         max_message_bytes: int = 0,
+        max_turns_per_minute: int = 0,
+        max_streams_per_minute: int = 0,
         reload_interval_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
-        self._limits = {"max_streams": max_streams, "max_message_bytes": max_message_bytes}
-        self._default = Tenant(DEFAULT_TENANT, max_streams, max_message_bytes)
+        self._limits = {"max_streams": max_streams, "max_message_bytes": max_message_bytes,
+                        "max_turns_per_minute": max_turns_per_minute,
+                        "max_streams_per_minute": max_streams_per_minute}
+        self._default = Tenant(DEFAULT_TENANT, **self._limits)
         self._reload_interval_s = reload_interval_s
         self._clock = clock
         self._table: KeyTable | None = None
@@ -178,11 +194,8 @@ class Authenticator:
 
     @classmethod
     def from_settings(cls, config: Any) -> Authenticator:
-        return cls(
-            config.api_keys_file,
-            max_streams=config.tenant_max_streams,
-            max_message_bytes=config.tenant_max_message_bytes,
-        )
+        return cls(config.api_keys_file, reload_interval_s=config.api_keys_reload_s,
+                   **{k: getattr(config, f"tenant_{k}") for k in LIMITS})
 
     @property
     def enabled(self) -> bool:

@@ -12,6 +12,8 @@
 - turn ordering: one response at a time. A new turn (typed text, a commit) while a response runs
   interrupts it (reason `new_turn`) when the session's barge-in policy is enabled, else it is
   FAILED_PRECONDITION; an utterance the VAD ends while a response still runs is dropped (bargein.py);
+  a commit over the tenant's `max_turns_per_minute` (ratelimit.py) is RESOURCE_EXHAUSTED, saying when
+  to retry;
 - barge-in: in VAD mode, every VAD window also feeds the session's `BargeInPolicy` (bargein.py), which
   holds the reply audio while the user may be interrupting, releases it after a false interruption, and
   interrupts the response (reason `barge_in`) once the speech meets the policy;
@@ -80,6 +82,7 @@ from vitaserve_orchestrator.events import (
 from vitaserve_orchestrator.grpc_errors import error_event
 from vitaserve_orchestrator.lease import StreamLease
 from vitaserve_orchestrator.outbox import Outbox
+from vitaserve_orchestrator.ratelimit import TURNS, MemoryRateLimiter, RateLimiter
 from vitaserve_orchestrator.session import (
     DEFAULT_TENANT,
     Frame,
@@ -140,8 +143,12 @@ class Conversation:
         clock: Callable[[], float] = time.monotonic,
         telemetry: Telemetry | None = None,
         session_span: trace.Span | None = None,
+        tenant: Tenant | None = None,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.session = session
+        self._tenant = tenant or Tenant(session.tenant)
+        self._rate_limiter = rate_limiter or MemoryRateLimiter(clock)
         self._telemetry = telemetry or Telemetry.off()
         self._session_span = session_span
         self._store = store
@@ -180,6 +187,7 @@ class Conversation:
         config: OrchestratorSettings,
         outbox: Outbox,
         tenant: Tenant | None = None,
+        rate_limiter: RateLimiter | None = None,
         vad_factory: Callable[[], VadModel] = SileroVad,
         clock: Callable[[], float] = time.monotonic,
         telemetry: Telemetry | None = None,
@@ -217,6 +225,8 @@ class Conversation:
             clock=clock,
             telemetry=telemetry,
             session_span=session_span,
+            tenant=tenant,
+            rate_limiter=rate_limiter,
         )
         outbox.put(
             SessionStarted(
@@ -597,6 +607,10 @@ class Conversation:
 
     async def _commit(self, *, audio: np.ndarray | None = None) -> None:
         self._check_new_turn_allowed()  # before anything pending is used up
+        if audio is not None or not self.session.pending.empty():
+            # Over the tenant's turns per minute: RESOURCE_EXHAUSTED, the pending input stays for a retry
+            # (a VAD utterance, already cut, is dropped) and a running response is not interrupted.
+            await self._rate_limiter.check(self._tenant.name, TURNS, self._tenant.max_turns_per_minute)
         pending = self.session.pending
         if audio is None and pending.audio:
             pcm16 = bytes(pending.audio)

@@ -5,6 +5,8 @@
     {prefix}:t:{<tenant>}:streams              ZSET    live stream leases: member = session id, score =
                                                        lease expiry (ms, Redis clock); the key's own TTL
                                                        is the longest lease
+    {prefix}:t:{<tenant>}:rate:<kind>            ZSET    rate limit window (ratelimit.py): member = one
+                                                       event, score = its time (ms); TTL one window
 
 `prefix` is `VITASERVE_REDIS_KEY_PREFIX` ("vitaserve"). The tenant is a Redis Cluster hash tag (the
 literal braces): all of one tenant's keys are in one slot, which the Lua scripts of `redis_store.py` need
@@ -46,6 +48,12 @@ class RedisKeys:
 
     def streams(self, tenant: str) -> str:
         return f"{self._tenant(tenant)}:streams"
+
+    def rate(self, tenant: str, kind: str) -> str:
+        """The sliding window of one rate limit (`kind`: turns, streams) of a tenant."""
+        if not _SAFE.match(kind):
+            raise ValueError(f"bad rate limit kind {kind!r}")
+        return f"{self._tenant(tenant)}:rate:{kind}"
 
     def tenant_pattern(self, tenant: str) -> str:
         """SCAN pattern of every key of one tenant (operations: export, erase a tenant)."""

@@ -204,6 +204,11 @@ class RedisSessionStore(SessionStore):
     def client(self) -> aioredis.Redis:
         return self._redis
 
+    @property
+    def timeout_s(self) -> float:
+        """The bound on one Redis operation (the rate limiter in the same Redis uses it too)."""
+        return self._timeout_s
+
     async def _call(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
         """Run one Redis operation bounded by `timeout_s`; failures become `Unavailable`."""
         try:

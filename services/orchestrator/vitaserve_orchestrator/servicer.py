@@ -3,7 +3,8 @@
 Per stream: the caller's API key (metadata) names its tenant (auth.py; a missing or wrong key ends the
 RPC with UNAUTHENTICATED); the first `ClientEvent` must be a `session_update` (else INVALID_ARGUMENT); an
 unknown session id, or another tenant's, ends it with NOT_FOUND; over the tenant's stream limit,
-RESOURCE_EXHAUSTED; a session store that cannot be reached, UNAVAILABLE; a newer stream that resumed
+RESOURCE_EXHAUSTED, as is an open over its `max_streams_per_minute` (ratelimit.py; trailing metadata
+`retry-after` says when, in seconds); a session store that cannot be reached, UNAVAILABLE; a newer stream that resumed
 the same session (the client reconnected elsewhere) ends this one with ABORTED. An event over the
 tenant's message size limit is a RESOURCE_EXHAUSTED `ErrorEvent`. Each event goes out only once
 `Conversation.before_send` allows it (a turn's end waits for its history to be saved). Then a reader
@@ -32,7 +33,7 @@ from opentelemetry.trace import Status, StatusCode
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.api.v1 import orchestrator_pb2_grpc as pb_grpc
 from vitaserve.components.base import ComponentClient
-from vitaserve.errors import InvalidInput, VitaserveError
+from vitaserve.errors import InvalidInput, RateLimited, ResourceExhausted, VitaserveError
 from vitaserve.models.prompt import STATE_MARKS, Turn
 from vitaserve_orchestrator import events as ev
 from vitaserve_orchestrator.auth import Authenticator, Tenant
@@ -40,6 +41,7 @@ from vitaserve_orchestrator.bargein import BargeInConfig, BargeInUpdate
 from vitaserve_orchestrator.conversation import Conversation
 from vitaserve_orchestrator.grpc_errors import abort
 from vitaserve_orchestrator.outbox import Outbox
+from vitaserve_orchestrator.ratelimit import STREAMS, RateLimiter, for_store
 from vitaserve_orchestrator.session import SessionSettings, SessionStore, SettingsUpdate
 from vitaserve_orchestrator.settings import OrchestratorSettings
 from vitaserve_orchestrator.tasks import cancel_and_wait
@@ -251,6 +253,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         components: ComponentClient,
         store: SessionStore,
         auth: Authenticator | None = None,
+        rate_limiter: RateLimiter | None = None,
         vad_factory: Callable[[], VadModel] = SileroVad,
         clock: Callable[[], float] = time.monotonic,
         telemetry: Telemetry | None = None,
@@ -263,13 +266,15 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         self._components = components
         self._store = store
         self._auth = auth or Authenticator.from_settings(config)
+        self._rate_limiter = rate_limiter or for_store(store)
         self._vad_factory = vad_factory
         self._clock = clock
         self.open_streams = 0
 
     async def Converse(  # noqa: N802 - the gRPC method name
         self, request_iterator: AsyncIterator[pb.ClientEvent], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ServerEvent]:
+    ) -> None:
+        # Events go out with `context.write` (not `yield`), so each write can be bounded in time.
         requests = aiter(request_iterator)
         try:
             async with asyncio.timeout(self._config.first_event_timeout_s):
@@ -290,11 +295,13 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         if first is None or first.WhichOneof("event") != "session_update":
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "first event must be session_update")
 
-        outbox = Outbox(clock=self._clock)  # pacing: each response brings its session's playout lead
+        # pacing: each response brings its session's playout lead
+        outbox = Outbox(clock=self._clock, max_pending=self._config.max_pending_events)
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         span = self._telemetry.tracer.start_span("session", context=propagate.extract(metadata))
         try:
             tenant.check_message(first.ByteSize())
+            await self._rate_limiter.check(tenant.name, STREAMS, tenant.max_streams_per_minute)
             update = client_event_from_proto(first)
             assert isinstance(update, ev.UpdateSession)
             conversation = await Conversation.open(
@@ -304,6 +311,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 config=self._config,
                 outbox=outbox,
                 tenant=tenant,
+                rate_limiter=self._rate_limiter,
                 vad_factory=self._vad_factory,
                 clock=self._clock,
                 telemetry=self._telemetry,
@@ -312,6 +320,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         except VitaserveError as exc:
             span.set_status(Status(StatusCode.ERROR, f"{exc.code}: {exc.message}"))
             span.end()
+            if isinstance(exc, RateLimited):
+                context.set_trailing_metadata((("retry-after", f"{exc.retry_after_s:g}"),))
             await abort(context, exc)
         span.set_attribute("vitaserve.session_id", conversation.session.id)
         span.set_attribute("vitaserve.tenant", tenant.name)
@@ -322,11 +332,15 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         reader = asyncio.get_running_loop().create_task(
             self._read(requests, conversation, tenant), name=f"converse-reader:{conversation.session.id}"
         )
+        stalled: ResourceExhausted | None = None
         try:
             async for envelope in outbox:
                 if await conversation.before_send(envelope):
-                    yield server_event_to_proto(envelope)
-            if conversation.superseded is not None:  # a newer stream holds the session
+                    stalled = await self._write(context, server_event_to_proto(envelope), outbox)
+                    if stalled is not None:
+                        break
+            stalled = stalled or outbox.overflow
+            if stalled is None and conversation.superseded is not None:  # a newer stream holds the session
                 await abort(context, conversation.superseded)
         finally:
             self.open_streams -= 1
@@ -335,6 +349,35 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             await conversation.aclose()
             span.set_attribute("vitaserve.turns", conversation.session.turns)
             span.end()
+        if stalled is not None:  # the client does not read; the session is saved and released by now
+            log.warning("session %s: %s", conversation.session.id, stalled.message)
+            await self._end_unread(context, stalled)
+
+    async def _write(self, context: grpc.aio.ServicerContext, message: pb.ServerEvent,
+                     outbox: Outbox) -> ResourceExhausted | None:
+        """Hand one event to the transport; the error that ends the stream if the transport did not take
+        it within `client_write_timeout_s` (the client stopped reading: gRPC flow control blocks the
+        write, and without this bound the stream would hold its queue and session forever)."""
+        timeout_s = self._config.client_write_timeout_s
+        try:
+            async with asyncio.timeout(timeout_s):
+                await context.write(message)
+        except TimeoutError:
+            return ResourceExhausted(
+                f"the client did not read the stream for {timeout_s:g} s ({outbox.pending()} events waiting, "
+                "VITASERVE_CLIENT_WRITE_TIMEOUT_S); the stream is closed, the session is saved")
+        return None
+
+    async def _end_unread(self, context: grpc.aio.ServicerContext, exc: ResourceExhausted) -> None:
+        """End a stream whose client does not read with `exc`'s status. The status travels behind the
+        events already in the transport, so sending it completes only once the client reads them: the
+        wait is bounded too, and the handler returns either way (gRPC delivers the status if the client
+        ever reads on, and cancels the call if it goes away)."""
+        try:
+            async with asyncio.timeout(self._config.client_write_timeout_s):
+                await abort(context, exc)
+        except TimeoutError:
+            pass
 
     async def _read(
         self, requests: AsyncIterator[pb.ClientEvent], conversation: Conversation, tenant: Tenant

@@ -183,6 +183,22 @@ class OrchestratorSettings(BaseSettings):
     cancel_timeout_s: float = Field(2.0, gt=0, description="Waiting for cancelled streams to close.")
     first_event_timeout_s: float = Field(30.0, gt=0, description="Stream open -> the first SessionUpdate.")
 
+    # --- a client that does not read (servicer.py): bounded memory per stream ---------------------------
+    client_write_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="An event the transport does not take within this time (the client stopped reading "
+        "and gRPC flow control blocks the write) ends the stream with RESOURCE_EXHAUSTED; the session "
+        "is saved and released.",
+    )
+    max_pending_events: int = Field(
+        20_000,
+        ge=100,
+        description="Events that may wait in one stream's outbox (a long reply's paced 100 ms audio frames "
+        "wait there legitimately: 10 minutes are 6,000); more ends the stream with RESOURCE_EXHAUSTED, "
+        "so a client that floods events and never reads their answers cannot grow the queue without bound.",
+    )
+
     # --- sessions and lifecycle -------------------------------------------------------------------------
     max_sessions: int = Field(10_000, ge=1, description="Sessions the in-memory store holds.")
     session_idle_ttl_s: float = Field(
@@ -220,6 +236,12 @@ class OrchestratorSettings(BaseSettings):
         description="JSON or YAML file of API-key hashes, tenants and limits (auth.py; e.g. a mounted "
         "Kubernetes Secret, re-read when it changes). Unset: auth off, every stream is tenant 'default'.",
     )
+    api_keys_reload_s: float = Field(
+        5.0,
+        gt=0,
+        description="How often, at most, the keys file is checked for changes (a rotated Secret): a removed "
+        "key stops opening streams within this long, without a restart; open streams go on.",
+    )
     tenant_max_streams: int = Field(
         100, ge=0, description="Concurrent Converse streams per tenant unless its entry says (0 = no limit)."
     )
@@ -228,6 +250,19 @@ class OrchestratorSettings(BaseSettings):
         ge=0,
         description="Largest ClientEvent a tenant may send unless its entry says (0 = only "
         "grpc_max_message_bytes applies).",
+    )
+    tenant_max_turns_per_minute: int = Field(
+        0,
+        ge=0,
+        description="Responses a tenant may start per minute (sliding window, counted across replicas in "
+        "Redis with the Redis store) unless its entry says; over it a commit gets a RESOURCE_EXHAUSTED "
+        "error event saying when to retry, and the session goes on (0 = no limit).",
+    )
+    tenant_max_streams_per_minute: int = Field(
+        0,
+        ge=0,
+        description="Converse streams (new or resumed sessions) a tenant may open per minute unless its "
+        "entry says; over it the open ends with RESOURCE_EXHAUSTED (0 = no limit).",
     )
     tls_cert_file: Path | None = Field(None, description="PEM certificate chain of the gRPC server (TLS on).")
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
