@@ -86,6 +86,21 @@ from vitaserve.errors import (
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+# tritonclient's own channel options, plus a short reconnect backoff: gRPC's default grows to 120 s, so
+# a Triton restarted on the same address (a crashed pod, a SIGKILLed server) would stay unused for up
+# to two minutes after it is back; with these it is used again within ~2 s.
+_KEEPALIVE = grpcclient.KeepAliveOptions()
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.keepalive_time_ms", _KEEPALIVE.keepalive_time_ms),
+    ("grpc.keepalive_timeout_ms", _KEEPALIVE.keepalive_timeout_ms),
+    ("grpc.keepalive_permit_without_calls", _KEEPALIVE.keepalive_permit_without_calls),
+    ("grpc.http2.max_pings_without_data", _KEEPALIVE.http2_max_pings_without_data),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
 
 class _EndpointDown(Unavailable):
     """This endpoint cannot serve the call (unreachable, model not loaded there); another one may."""
@@ -172,7 +187,7 @@ class TritonComponents(ComponentClient):
         if loop is not self._loop:  # channels are bound to the loop that created them
             self._clients, self._loop = {}, loop
         if url not in self._clients:
-            self._clients[url] = grpcclient.InferenceServerClient(url)
+            self._clients[url] = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         return self._clients[url]
 
     async def close(self) -> None:
