@@ -193,13 +193,15 @@ def keyed_gateway(gateway_stack: LocalStack, tmp_path_factory: pytest.TempPathFa
     keys.write_text(json.dumps({"tenants": {"acme": {"max_streams": 1}},
                                 "keys": [{"sha256": hashlib.sha256(KEY.encode()).hexdigest(), "tenant": "acme"}]}))
     with RedisServer(work_dir=work / "redis") as redis_server:
-        orchestrator = OrchestratorProcess({
+        orchestrator = OrchestratorProcess({  # DEBUG: what it logs at its most verbose must hold no key
             "VITASERVE_BACKEND": "triton", "VITASERVE_TRITON_URL": gateway_stack.triton_url,
             "VITASERVE_MODEL_FAMILY": "small", "VITASERVE_API_KEYS_FILE": str(keys),
             "VITASERVE_SESSION_STORE": "redis", "VITASERVE_REDIS_URL": redis_server.url,
+            "VITASERVE_LOG_LEVEL": "DEBUG",
         }, log_path=work / "orchestrator.log").start()
         try:
-            gateway = GatewayProcess(orchestrator.address, log_path=work / "gateway.log").start()
+            gateway = GatewayProcess(orchestrator.address, log_path=work / "gateway.log",
+                                     env={"VITASERVE_GATEWAY_LOG_LEVEL": "debug"}).start()
             try:
                 yield gateway, redis_server, work
             finally:
@@ -208,7 +210,8 @@ def keyed_gateway(gateway_stack: LocalStack, tmp_path_factory: pytest.TempPathFa
             orchestrator.stop()
 
 
-def test_a_missing_or_wrong_key_is_http_401_and_a_valid_one_connects(keyed_gateway: tuple) -> None:
+def test_a_missing_or_wrong_key_is_http_401_and_a_valid_one_connects(keyed_gateway: tuple,
+                                                                     gateway_stack: LocalStack) -> None:
     gateway, _, work = keyed_gateway
 
     async def status_of(**connect) -> int:
@@ -232,8 +235,15 @@ def test_a_missing_or_wrong_key_is_http_401_and_a_valid_one_connects(keyed_gatew
             return events.created["session"]["id"]
 
     assert run(sdk()).startswith("sess-")
-    logs = (work / "gateway.log").read_text() + (work / "orchestrator.log").read_text()
-    assert KEY not in logs
+    # API keys never in logs: every log file of the run (this orchestrator and gateway at DEBUG, Redis, and
+    # the shared stack's Triton, orchestrator and gateway), for each key used and the prefix of its hash
+    logs = {p: p.read_text(errors="replace") for d in (work, gateway_stack.work_dir) for p in d.rglob("*.log")}
+    assert {"gateway.log", "orchestrator.log", "triton.log"} <= {p.name for p in logs}, sorted(logs)
+    assert "DEBUG" in logs[work / "orchestrator.log"]  # the level really is DEBUG
+    for secret in (KEY, "wrong-key"):
+        for needle in (secret, hashlib.sha256(secret.encode()).hexdigest()[:12]):
+            leaks = [p.name for p, text in logs.items() if needle in text]
+            assert not leaks, f"{needle!r} is in {leaks}"
 
 
 def test_a_socket_closed_mid_response_ends_the_session_and_frees_the_tenants_stream(keyed_gateway: tuple) -> None:

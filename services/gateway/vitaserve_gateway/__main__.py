@@ -9,6 +9,7 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
+from vitaserve_gateway.redact import install_on_root, uvicorn_log_config
 from vitaserve_gateway.settings import GatewaySettings
 
 
@@ -20,6 +21,7 @@ def main() -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_on_root()  # at DEBUG the handshake headers are logged: keys are redacted (redact.py)
     from vitaserve_gateway.app import create_app
 
     uvicorn.run(
@@ -33,6 +35,7 @@ def main() -> int:
         ssl_certfile=str(settings.tls_cert_file) if settings.tls_cert_file else None,
         ssl_keyfile=str(settings.tls_key_file) if settings.tls_key_file else None,
         log_level=settings.log_level.lower(),
+        log_config=uvicorn_log_config(),
         access_log=False,  # an access log line would carry the query string of every upgrade
         timeout_graceful_shutdown=5,
     )
