@@ -10,8 +10,8 @@ client events — passes paced audio at once.
 Its gate makes interruption safe: `close_response(id)` drops that response's queued data events (text, audio,
 done, its error) and every one put later, in the same event-loop step, so no audio of a cancelled response can be
 sent after the interruption, whatever the producers are still doing. Producers never wait on the queue
-(it is unbounded; a response is bounded by its token limit), so cancellation never waits behind a slow
-client.
+(a response is bounded by its token limit; the whole queue by `max_pending`, beyond which the stream is
+ended), so cancellation never waits behind a slow client.
 
 `Playout` counts what was actually handed to the transport, per response: audio milliseconds sent and,
 per text segment, how much of its audio went out; its `PlaybackModel` infers what the client has played
@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from vitaserve.errors import ResourceExhausted
 from vitaserve_orchestrator.events import (
     GATED_EVENTS,
     AudioOut,
@@ -167,7 +168,8 @@ class Outbox:
 
     `lead_ms`: the default playout lead (a response's `Playout` brings its session's own). `sleep`: how to
     wait for the next paced frame; None waits on the event loop (real time). Tests pass a virtual clock's
-    sleep, so pacing runs without real waits."""
+    sleep, so pacing runs without real waits. `max_pending`: more queued events than this overflow the
+    outbox (the client does not read what it asks for): it drops its queue, closes, and `overflow` says why."""
 
     def __init__(
         self,
@@ -175,6 +177,7 @@ class Outbox:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] | None = None,
+        max_pending: int | None = None,
     ) -> None:
         self.session_id = session_id
         self._clock = clock
@@ -188,6 +191,8 @@ class Outbox:
         self._on_sent: dict[str, Callable[[ServerEvent], None]] = {}
         # When the client finishes playing the last audio sent (a finished response's tail still plays).
         self._play_end: float | None = None
+        self._max_pending = max_pending
+        self.overflow: ResourceExhausted | None = None  # set once `max_pending` was exceeded
 
     def now_ms(self) -> float:
         return (self._clock() - self._origin) * 1000.0
@@ -196,6 +201,14 @@ class Outbox:
         """Queue an event; returns False if it was dropped (stream closed, or a data event of a closed
         response)."""
         if self._closed or (response_id and isinstance(event, GATED_EVENTS) and response_id in self._gated):
+            return False
+        if self._max_pending is not None and len(self._queue) >= self._max_pending:
+            # Only a client that does not read its stream lets this many wait: end it instead of growing.
+            self.overflow = ResourceExhausted(
+                f"the client did not read the stream: more than {self._max_pending} events were waiting "
+                "(VITASERVE_MAX_PENDING_EVENTS); the stream is closed, the session is saved")
+            self._queue.clear()
+            self.close()
             return False
         self._queue.append(Envelope(event, self.session_id, turn_id, response_id, self.now_ms()))
         self._ready.set()

@@ -339,7 +339,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                     stalled = await self._write(context, server_event_to_proto(envelope), outbox)
                     if stalled is not None:
                         break
-            stalled = stalled or outbox.overflow
+            stalled = outbox.overflow or stalled  # an overflow is the first cause when both happened
             if stalled is None and conversation.superseded is not None:  # a newer stream holds the session
                 await abort(context, conversation.superseded)
         finally:
