@@ -11,7 +11,8 @@ tenant's message size limit is a RESOURCE_EXHAUSTED `ErrorEvent`. Each event goe
 task turns each protobuf event into a domain event for the `Conversation`, while this handler sends the
 `Outbox`'s events as protobuf. Errors about one event come back as `ErrorEvent`s and the stream goes on.
 The stream ends after `EndSession`, when the client half-closes (once a running response has played
-out), or when either side cancels.
+out), or when either side cancels; a client that does not read is ended with RESOURCE_EXHAUSTED once one
+write waits `client_write_timeout_s` or its outbox holds more than `max_pending_events` (settings.py).
 
 Telemetry: each stream is a `session` span (continuing a W3C `traceparent` in the call's metadata) and
 counts in `vitaserve_active_sessions`; the events waiting in the open streams' outboxes are the
