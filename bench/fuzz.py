@@ -1,0 +1,90 @@
+"""Long fuzzing runs of the Converse stream against a live deployment (the test suite runs a short budget).
+
+    python bench/fuzz.py --sequences 200 [--steps 20] [--minutes 30] [--json] [--checkpoint DIR]
+
+Starts real Triton (tiny VITA-1.5 checkpoint unless --checkpoint) and the orchestrator with auth on (two
+tenants), exactly as tests/fuzz/ does, and runs the hypothesis state machine of
+tests/fuzz/converse_machine.py with fresh random examples (not the derandomized ones of the suite) for
+`--sequences` examples of up to `--steps` steps, or until `--minutes` pass. A violated invariant (a crash, a
+hang, an undocumented error code, a harmed canary session, inconsistent history) is shrunk by hypothesis
+and printed with the steps that reproduce it; the exit code is then 1. The report: sequences, steps, turns,
+error codes seen, how streams ended, the canary's turns, and the orchestrator log's tracebacks (0 expected).
+SIGINT/SIGTERM stop everything it started (vitaserve.lifecycle.run_main).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from vitaserve.lifecycle import run_main
+from vitaserve.models.tiny import write_tiny_checkpoint
+from vitaserve.stack import LocalStack
+
+FUZZ_DIR = Path(__file__).resolve().parents[1] / "tests" / "fuzz"
+GOLDEN = FUZZ_DIR.parent / "golden" / "vita15-tiny"
+
+
+def _fuzz_modules():  # noqa: ANN202 - the test folder's conftest (deployment) and machine
+    sys.path.insert(0, str(FUZZ_DIR))
+    import converse_machine
+
+    spec = importlib.util.spec_from_file_location("fuzz_conftest", FUZZ_DIR / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    deployment = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deployment)
+    return converse_machine, deployment
+
+
+def fuzz(checkpoint: str | None, *, sequences: int, steps: int, minutes: float | None) -> dict:
+    machine, deployment = _fuzz_modules()
+    with tempfile.TemporaryDirectory(prefix="vitaserve-fuzz-") as tmp:
+        work = Path(tmp)
+        ckpt = Path(checkpoint) if checkpoint else write_tiny_checkpoint(work / "ckpt", golden=GOLDEN)
+        with LocalStack(ckpt, work_dir=work / "stack",
+                        orchestrator_env=deployment.fuzz_orchestrator_env(work)) as stack:
+            started = time.monotonic()
+            violation = ""
+            try:
+                findings = machine.run_fuzz(deployment.fuzz_target(stack), sequences=sequences, steps=steps,
+                                            derandomize=False, deadline_s=minutes * 60 if minutes else None)
+            except Exception as exc:  # a violated invariant: hypothesis printed the steps
+                violation = f"{type(exc).__name__}: {exc}"
+                findings = None
+            log = (stack.work_dir / "orchestrator.log").read_text(errors="replace")
+            report = dataclasses.asdict(findings) if findings is not None else {}
+            report.update(wall_s=round(time.monotonic() - started, 1), violation=violation,
+                          orchestrator_alive=stack.orchestrator is not None
+                          and stack.orchestrator.proc.poll() is None,
+                          orchestrator_tracebacks=log.count("Traceback"))
+            report.pop("canary_turn_s", None)
+            return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sequences", type=int, default=200, help="examples (client sessions) to run")
+    parser.add_argument("--steps", type=int, default=20, help="most steps (client actions) per example")
+    parser.add_argument("--minutes", type=float, help="stop starting new examples after this long")
+    parser.add_argument("--checkpoint", help="checkpoint directory (default: a tiny one, random weights)")
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args(argv)
+    report = fuzz(args.checkpoint, sequences=args.sequences, steps=args.steps, minutes=args.minutes)
+    if args.json:
+        print(json.dumps(report, default=str))
+    else:
+        for key, value in report.items():
+            print(f"{key:24s} {value}")
+    sound = (not report["violation"] and not report.get("violations") and report["orchestrator_alive"]
+             and report["orchestrator_tracebacks"] == 0)
+    return 0 if sound else 1
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))  # SIGINT/SIGTERM stop everything it started, then exit
