@@ -218,3 +218,43 @@ def test_turn_and_stream_rate_limits_with_the_memory_store(components: InProcess
             assert 0 < float(retry_after) <= 60
 
     run(body(), timeout=60)
+
+
+def test_the_exec_probe_checks_health_over_tls_and_mtls(tiny_engines: dict[str, Any],
+                                                        pki: dict[str, Any]) -> None:
+    """`python -m vitaserve_orchestrator.healthcheck` (the chart's probe when the orchestrator serves TLS:
+    kubelet's gRPC probes cannot) with the server's own environment: exit 0 while SERVING, under TLS and mTLS;
+    1 with a message when the name on the certificate is wrong or nothing listens."""
+    import os
+    import sys
+
+    d: Path = pki["dir"]
+    tls = {"tls_cert_file": d / "server_cert.pem", "tls_key_file": d / "server_key.pem"}
+
+    async def probe(port: int, service: str, **env: str) -> tuple[int, str]:
+        full = {k: v for k, v in os.environ.items() if not k.startswith("VITASERVE_")}
+        full.update({"VITASERVE_BACKEND": "triton", "VITASERVE_TRITON_URL": "127.0.0.1:1",
+                     "VITASERVE_LISTEN_ADDRESS": f"0.0.0.0:{port}",
+                     "VITASERVE_TLS_CERT_FILE": str(d / "server_cert.pem"),
+                     "VITASERVE_TLS_KEY_FILE": str(d / "server_key.pem"),
+                     "VITASERVE_TLS_PROBE_CA_FILE": str(d / "ca.pem"), **env})
+        proc = await asyncio.create_subprocess_exec(  # async: this loop serves the server meanwhile
+            sys.executable, "-m", "vitaserve_orchestrator.healthcheck", "--service", service, env=full,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        return proc.returncode, err.decode()
+
+    async def body() -> None:
+        mtls = ({"tls_client_ca_file": d / "ca.pem"}, {"VITASERVE_TLS_CLIENT_CA_FILE": str(d / "ca.pem")})
+        for extra, env in (({}, {}), mtls):
+            config = make_config(**tls, **extra)
+            async with serving(InProcessComponents(engines=tiny_engines), config) as (server, address):
+                port = int(address.rpartition(":")[2])
+                assert await probe(port, "liveness", **env) == (0, "")
+                assert (await server.check_readiness()) and (await probe(port, "", **env))[0] == 0
+                code, err = await probe(port, "liveness", VITASERVE_TLS_PROBE_SERVER_NAME="not-on-the-cert", **env)
+                assert code == 1 and "UNAVAILABLE" in err, err
+        code, err = await probe(port, "liveness")  # the server is gone
+        assert code == 1 and "orchestrator health 'liveness': UNAVAILABLE" in err, err
+
+    run(body(), timeout=120)

@@ -269,6 +269,14 @@ class OrchestratorSettings(BaseSettings):
     tls_client_ca_file: Path | None = Field(
         None, description="PEM CA bundle: when set, clients must present a certificate it signed (mTLS)."
     )
+    tls_probe_ca_file: Path | None = Field(
+        None,
+        description="CA that signed tls_cert_file, trusted by the exec probe `python -m "
+        "vitaserve_orchestrator.healthcheck` (native gRPC probes cannot speak TLS); unset: tls_cert_file.",
+    )
+    tls_probe_server_name: str = Field(
+        "localhost", description="A name on tls_cert_file that the exec probe checks (healthcheck.py)."
+    )
 
     @model_validator(mode="after")
     def _check_sessions_and_tls(self) -> OrchestratorSettings:
