@@ -18,7 +18,8 @@ stops. With `tls_cert_file`/`tls_key_file` the port serves TLS only (`server_cre
 Telemetry (telemetry.py): `create_server(..., telemetry=)` records into that `Telemetry` (default: a
 registry of its own) and serves the components through `InstrumentedComponents` (a span per call, errors
 counted). `serve()` installs the OTLP tracer provider when `VITASERVE_OTLP_ENDPOINT` is set (else tracing
-stays the no-op) and serves `/metrics` on `VITASERVE_METRICS_ADDRESS` when set.
+stays the no-op) and serves `/metrics` on `VITASERVE_METRICS_ADDRESS` when set. A started server keeps
+`vitaserve_asyncio_tasks` up to date from its own loop (a tracked task, stopped with the server).
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class OrchestratorServer:
         await self.health.set(LIVENESS_SERVICE, _SERVING)
         await self.grpc_server.start()
         self._tasks.spawn(self._watch_readiness(), "readiness")
+        # vitaserve_asyncio_tasks: a leak of tasks shows as a count that does not return to idle
+        self._tasks.spawn(self.telemetry.metrics.sample_asyncio_tasks(lambda: not self.draining),
+                          "asyncio-tasks")
         log.info("orchestrator listening on port %d", self.port)
 
     async def check_readiness(self) -> bool:

@@ -17,6 +17,9 @@ Metrics (`Metrics`, a registry of its own so tests and several servers in one pr
                                                          for the clients of this process, all streams; the
                                                          batch worker reports its Celery queue by name)
     vitaserve_component_ready_endpoints       gauge      {component}: ready Triton endpoints the router sees
+    vitaserve_asyncio_tasks                   gauge      live asyncio tasks on the server's event loop (its
+                                                         own background tasks included), set every
+                                                         ASYNCIO_TASKS_SAMPLE_S by `sample_asyncio_tasks`
 `start_metrics_server(metrics, "host:port")` serves them over HTTP (`/metrics`) for Prometheus.
 
 Traces: `setup_tracing(...)` (vitaserve.tracing, shared with the gateway) builds a `TracerProvider` exporting over OTLP/gRPC when an endpoint is
@@ -38,6 +41,7 @@ process-wide default of code built without one (unit tests): its registry is nev
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +56,10 @@ LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.
 BARGE_IN_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.0)
 TURN_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)
 TRACER_NAME = "vitaserve.orchestrator"
+# The task gauge is set from the loop itself: /metrics is served from another thread, and asyncio's task
+# registry must not be read off its loop. Counting a few hundred tasks costs microseconds; once a second
+# is enough to see a leak (a slope over minutes) and to see the count return to idle after load.
+ASYNCIO_TASKS_SAMPLE_S = 1.0
 
 
 class Metrics:
@@ -82,6 +90,16 @@ class Metrics:
         self.ready_endpoints = Gauge(
             "vitaserve_component_ready_endpoints", "Ready Triton endpoints of a component (routing).",
             ["component"], registry=r)
+        self.asyncio_tasks = Gauge(
+            "vitaserve_asyncio_tasks", "Live asyncio tasks on the server's event loop.", registry=r)
+
+    async def sample_asyncio_tasks(self, keep_going: Callable[[], bool],
+                                   interval_s: float = ASYNCIO_TASKS_SAMPLE_S) -> None:
+        """Set `vitaserve_asyncio_tasks` to the running loop's live task count (this one included) every
+        `interval_s` while `keep_going()`; run it as a tracked task of the server (server.py)."""
+        while keep_going():
+            self.asyncio_tasks.set(len(asyncio.all_tasks()))
+            await asyncio.sleep(interval_s)
 
     def follow_router(self, router: Any) -> None:
         """Report `router`'s ready endpoints per component at every scrape (a `vitaserve.cluster` Router)."""
