@@ -3,7 +3,8 @@ per-tenant rate limits (the tiny VITA-1.5 checkpoint in process: no Triton), and
 front of it, one plain and one serving TLS (`VITASERVE_GATEWAY_TLS_CERT_FILE`/`KEY_FILE`, a certificate made
 here by a CA made here). Checked: a rate-limited turn reaches a Realtime client as a clear `error` event and
 the session goes on; a rate-limited open is HTTP 429 naming the limit; the TLS gateway serves wss to a client
-that trusts the CA, and refuses plain ws and clients that do not trust it."""
+that trusts the CA, and refuses plain ws and clients that do not trust it; oversized HTTP requests are
+refused and the gateway goes on."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from vitaserve.stack import GatewayProcess, OrchestratorProcess
 from vitaserve_orchestrator.auth import hash_key
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "gateway"))  # the suite's Realtime client helpers
+from oversize import assert_refused_and_still_serving  # noqa: E402 - this folder's helper (conftest.py)
 from realtime_events import realtime  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -192,3 +194,13 @@ def test_the_tls_gateway_serves_wss_with_the_ca_and_refuses_plain_or_untrusted(e
     run(scenario())
     with urllib.request.urlopen(f"{edge.tls.url}/healthz", context=trusting, timeout=5) as reply:
         assert reply.status == 200
+
+
+def test_the_gateway_refuses_oversized_http_requests_and_goes_on(edge: Edge) -> None:
+    """The HTTP listener (the upgrade, the page, the probes, /metrics) bounds the request head at
+    VITASERVE_GATEWAY_MAX_HEADER_BYTES (64 KiB): a bigger one is 400 and the connection closed; WebSocket
+    messages are bounded by VITASERVE_GATEWAY_MAX_MESSAGE_BYTES (1009: tests/gateway/test_bad_input.py)."""
+    got = assert_refused_and_still_serving(edge.plain.port, "/healthz")
+    assert set(got.values()) == {400}, got
+    with urllib.request.urlopen(f"{edge.plain.url}/metrics", timeout=10) as reply:
+        assert b"vitaserve_gateway_sessions" in reply.read()

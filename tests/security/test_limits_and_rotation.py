@@ -1,4 +1,5 @@
-"""Per-tenant rate limits across replicas and API-key rotation without a restart, against real processes:
+"""Per-tenant rate limits across replicas, API-key rotation without a restart and the size bounds of the
+orchestrator's listeners (gRPC, /metrics), against real processes:
 two orchestrator processes (`python -m vitaserve_orchestrator`, the tiny VITA-1.5 checkpoint in process, so
 no Triton is needed) sharing a real redis-server, both on free loopback ports, stopped by pid; driven by the
 real gRPC client (`vitaserve.client.Conversation`)."""
@@ -20,8 +21,9 @@ import redis
 from vitaserve.api.v1 import orchestrator_pb2 as pb
 from vitaserve.client import Conversation, run_turn
 from vitaserve.redis_server import RedisServer, redis_server_binary
-from vitaserve.stack import OrchestratorProcess
+from vitaserve.stack import OrchestratorProcess, free_port
 from vitaserve_orchestrator.auth import hash_key
+from oversize import assert_refused_and_still_serving  # noqa: E402 - this folder's helper (conftest.py)
 
 pytestmark = pytest.mark.integration
 
@@ -40,6 +42,10 @@ class Replicas:
     addresses: list[str]
     redis_url: str
     keys: Path
+    metrics_ports: list[int]
+
+
+GRPC_MAX_MESSAGE_BYTES = 1024 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +57,17 @@ def replicas(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     keys_file(keys, KEYS)
     env = {"VITASERVE_BACKEND": "inprocess", "VITASERVE_CHECKPOINT_DIR": str(tiny_checkpoint),
            "VITASERVE_MODEL_FAMILY": "vita15", "VITASERVE_SESSION_STORE": "redis",
-           "VITASERVE_API_KEYS_FILE": str(keys), "VITASERVE_API_KEYS_RELOAD_S": "0.2"}
+           "VITASERVE_API_KEYS_FILE": str(keys), "VITASERVE_API_KEYS_RELOAD_S": "0.2",
+           "VITASERVE_GRPC_MAX_MESSAGE_BYTES": str(GRPC_MAX_MESSAGE_BYTES)}
+    metrics_ports = [free_port(), free_port()]
     with RedisServer(work_dir=work / "redis") as redis_server:
-        procs = [OrchestratorProcess({**env, "VITASERVE_REDIS_URL": redis_server.url},
-                                     log_path=work / f"orchestrator-{i}.log") for i in range(2)]
+        procs = [OrchestratorProcess({**env, "VITASERVE_REDIS_URL": redis_server.url,
+                                      "VITASERVE_METRICS_ADDRESS": f"127.0.0.1:{port}"},
+                                     log_path=work / f"orchestrator-{i}.log") for i, port in enumerate(metrics_ports)]
         try:
             with ThreadPoolExecutor(2) as pool:  # both load the model at once; start() raises with the log
                 list(pool.map(OrchestratorProcess.start, procs))
-            yield Replicas([p.address for p in procs], redis_server.url, keys)
+            yield Replicas([p.address for p in procs], redis_server.url, keys, metrics_ports)
         finally:
             for p in procs:
                 p.stop()
@@ -150,3 +159,31 @@ def test_a_rotated_key_file_applies_without_restart_and_open_streams_go_on(repli
             assert resumed.session_id == sid  # the new key is the same tenant: its sessions are still there
 
     run(body())
+
+
+def test_an_event_over_the_grpc_limit_ends_that_stream_only(replicas: Replicas) -> None:
+    """VITASERVE_GRPC_MAX_MESSAGE_BYTES bounds every message the gRPC listener reads: one over it ends the
+    stream with RESOURCE_EXHAUSTED (gRPC's own status and message); other streams and new ones go on."""
+    address = replicas.addresses[0]
+
+    async def body() -> None:
+        async with Conversation.open(address, settings=SETTINGS, api_key="key-free") as bystander:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async with Conversation.open(address, settings=SETTINGS, api_key="key-free") as conv:
+                    await conv.send_text("x" * (GRPC_MAX_MESSAGE_BYTES + 1000))
+                    while True:
+                        await conv.next_event()
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "larger than max" in err.value.details(), err.value.details()
+            assert (await turn(bystander, "still here?")).WhichOneof("event") == "response_done"
+        async with Conversation.open(address, settings=SETTINGS, api_key="key-free") as fresh:
+            assert (await turn(fresh, "and a new one")).WhichOneof("event") == "response_done"
+
+    run(body())
+
+
+def test_the_metrics_listener_refuses_oversized_requests_and_goes_on(replicas: Replicas) -> None:
+    """/metrics (prometheus_client on the standard library's HTTP server): a request line over 64 kB is 414,
+    a header line over 64 kB or more than 100 headers 431; the body of a request is never read."""
+    got = assert_refused_and_still_serving(replicas.metrics_ports[0], "/metrics")
+    assert got == {"header line": 431, "request line": 414, "header count": 431}

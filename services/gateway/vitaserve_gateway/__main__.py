@@ -29,6 +29,10 @@ def main() -> int:
         host=settings.host,
         port=settings.port,
         ws="websockets-sansio",
+        # h11 bounds the request head (httptools buffers any size of headers); only the upgrade and the
+        # small pages are HTTP, the WebSocket frames go through websockets
+        http="h11",
+        h11_max_incomplete_event_size=settings.max_header_bytes,
         ws_max_size=settings.max_message_bytes,
         ws_ping_interval=settings.ws_ping_interval_s,
         ws_ping_timeout=settings.ws_ping_timeout_s,

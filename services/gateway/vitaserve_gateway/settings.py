@@ -24,6 +24,12 @@ class GatewaySettings(BaseSettings):
         8 * MiB, ge=64 * 1024,
         description="Largest WebSocket message accepted; a bigger one closes the socket with code 1009.",
     )
+    max_header_bytes: int = Field(
+        64 * 1024, ge=4096,
+        description="Largest HTTP request head (request line + headers, the WebSocket upgrade's too) still "
+        "incomplete after a socket read (so at most this plus one read, <= 256 kB, is buffered); a bigger one is "
+        "refused with 400 and the connection closed (uvicorn's h11 parser; httptools has no bound).",
+    )
     ws_ping_interval_s: float = Field(20.0, gt=0, description="WebSocket keep-alive ping interval.")
     ws_ping_timeout_s: float = Field(20.0, gt=0, description="A ping unanswered this long closes the socket.")
     max_connections: int = Field(

@@ -1,0 +1,11 @@
+"""Fixtures and helpers of the security tests. This folder is put on `sys.path` so its helpers
+(`oversize.py`) are imported by name (the suite runs with `--import-mode=importlib`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+HERE = str(Path(__file__).parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
