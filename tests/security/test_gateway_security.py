@@ -27,7 +27,8 @@ import websockets
 from vitaserve.stack import GatewayProcess, OrchestratorProcess
 from vitaserve_orchestrator.auth import hash_key
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "gateway"))  # the suite's Realtime client helpers
+# the suite's Realtime client helpers; appended: tests/gateway's conftest must not shadow another `conftest`
+sys.path.append(str(Path(__file__).parents[1] / "gateway"))
 from oversize import assert_refused_and_still_serving  # noqa: E402 - this folder's helper (conftest.py)
 from realtime_events import realtime  # noqa: E402
 
