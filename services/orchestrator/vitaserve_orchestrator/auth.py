@@ -4,8 +4,9 @@ Clients send their key in gRPC metadata, `authorization: Bearer <key>` (or `x-ap
 never stored: the keys file holds the SHA-256 of each key (hex), compared in constant time
 (`hmac.compare_digest`) against the hash of the presented key. Each key maps to one tenant; each tenant
 has limits (`max_streams`: concurrent Converse streams, counted across replicas by the session store;
-`max_message_bytes`: largest ClientEvent; `max_turns_per_minute` / `max_streams_per_minute`: responses started
-and Converse streams opened per minute, ratelimit.py), defaulting to the settings' `tenant_max_*` (0 = no limit).
+`max_message_bytes`: largest ClientEvent; `max_turns_per_minute` / `max_streams_per_minute`: responses
+started and Converse streams opened per minute, ratelimit.py), defaulting to the settings' `tenant_max_*`
+(0 = no limit).
 
 The keys file (`VITASERVE_API_KEYS_FILE`; JSON, or YAML when it ends in .yaml/.yml), e.g. a Kubernetes
 Secret mounted as a file:
@@ -108,7 +109,8 @@ class KeyTable:
                 raise ValueError(f"tenant {name!r}: its entry must be a mapping of limits {list(LIMITS)}")
             unknown = set(limits) - set(LIMITS)
             if unknown:
-                raise ValueError(f"tenant {name!r}: unknown settings {sorted(unknown)} (known: {list(LIMITS)})")
+                raise ValueError(
+                    f"tenant {name!r}: unknown settings {sorted(unknown)} (known: {list(LIMITS)})")
             values = {k: limits.get(k, d) for k, d in defaults.items()}
             for k, v in values.items():
                 if not isinstance(v, int) or isinstance(v, bool) or v < 0:

@@ -9,8 +9,8 @@ Two implementations of one contract (`RateLimiter.hit`):
 - `MemoryRateLimiter`: one process's counts (the memory session store: one replica).
 - `RedisRateLimiter`: counted across replicas in Redis, one sorted set per tenant and kind
   (`redis_keys.RedisKeys.rate`), trimmed, counted and appended atomically in one Lua script. Times come
-  from the orchestrator's clock (`time.time`: replicas' clocks agree to NTP's few ms, far below a 60 s window),
-  which also lets tests inject one. If Redis cannot be reached the event is allowed (and logged): a rate
+  from the orchestrator's clock (`time.time`: replicas' clocks agree to NTP's few ms, far below a 60 s
+  window), which also lets tests inject one. If Redis cannot be reached the event is allowed (and logged): a rate
   limit protects capacity, and an outage of the store must not stop the open streams' turns (their saves
   already report UNAVAILABLE).
 
