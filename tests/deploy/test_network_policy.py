@@ -54,6 +54,8 @@ PROMETHEUS = Peer("prometheus", "monitoring", {"app.kubernetes.io/name": "promet
 STRANGER = Peer("stranger", NAMESPACE, {"app": "something-else"}, ip="10.1.9.9")  # another app, same namespace
 OUTSIDER = Peer("outsider", "other", {"app.kubernetes.io/component": "orchestrator"}, ip="10.3.0.1")
 INTERNET = Peer("internet", ip="203.0.113.7")
+APP = Peer("app", "apps", {"app": "caller"}, ip="10.4.0.1")  # ci/gpu-cluster.yaml lets namespace apps call it
+ROGUE_PROMETHEUS = Peer("prometheus-elsewhere", "tools", {"app.kubernetes.io/name": "prometheus"}, ip="10.4.0.2")
 KUBE_DNS = Peer("coredns", "kube-system", {"k8s-app": "kube-dns"}, {"dns": 53, "dns-tcp": 53}, ip="10.0.0.10")
 
 
@@ -167,13 +169,16 @@ def test_who_may_talk_to_whom(case: str) -> None:
     assert len(tritons) == 4
     batch = [pods[c] for c in ("batch-worker", "batch-beat") if c in pods]
     assert bool(batch) == bool(values_of(case).get("batch", {}).get("enabled"))
-    everyone = [*pods.values(), PROMETHEUS, STRANGER, OUTSIDER, INTERNET]
+    everyone = [*pods.values(), PROMETHEUS, STRANGER, OUTSIDER, INTERNET, APP, ROGUE_PROMETHEUS]
+    np = values_of(case).get("networkPolicy", {})
+    # the scrapers: Prometheus pods anywhere by default, only the monitoring namespace's where values say so
+    scrapers = {PROMETHEUS.name} | ({ROGUE_PROMETHEUS.name} if "metrics" not in np else set())
 
     for triton in tritons:
         callers = {p.name for p in everyone if allowed(policies, p, triton, "grpc")}
         assert callers == {orchestrator.name, *(p.name for p in batch if "worker" in p.name)}, triton.name
         assert {p.name for p in everyone if allowed(policies, p, triton, "http")} == callers
-        assert {p.name for p in everyone if allowed(policies, p, triton, "metrics")} == {PROMETHEUS.name}
+        assert {p.name for p in everyone if allowed(policies, p, triton, "metrics")} == scrapers
         # egress: DNS only (a compromised model process reaches nothing else)
         assert allowed(policies, triton, KUBE_DNS, 53, "UDP") and allowed(policies, triton, KUBE_DNS, 53, "TCP")
         assert not allowed(policies, triton, orchestrator, "grpc")
@@ -187,8 +192,9 @@ def test_who_may_talk_to_whom(case: str) -> None:
     else:
         assert not find(docs, "StatefulSet") and not find(docs, "NetworkPolicy", "vs-vitaserve-redis")  # external
 
-    assert {p.name for p in everyone if allowed(policies, p, orchestrator, "grpc")} == {gateway.name}
-    assert {p.name for p in everyone if allowed(policies, p, orchestrator, "metrics")} == {PROMETHEUS.name}
+    clients = {APP.name} if np.get("orchestrator", {}).get("from") else set()  # networkPolicy.orchestrator.from
+    assert {p.name for p in everyone if allowed(policies, p, orchestrator, "grpc")} == {gateway.name, *clients}
+    assert {p.name for p in everyone if allowed(policies, p, orchestrator, "metrics")} == scrapers
     # the gateway is the public endpoint: anyone may connect to its http port, nothing else is open
     # (except the pods whose own egress is closed: Triton and Redis)
     closed = {*(t.name for t in tritons), *(p.name for c, p in pods.items() if c == "redis")}
@@ -196,8 +202,8 @@ def test_who_may_talk_to_whom(case: str) -> None:
         {p.name for p in everyone} - closed
     assert not allowed(policies, INTERNET, gateway, 9999)
     for pod in batch:
-        scrapers = {p.name for p in everyone if pod.ports and allowed(policies, p, pod, "metrics")}
-        assert scrapers == ({PROMETHEUS.name} if "worker" in pod.name else set())
+        got = {p.name for p in everyone if pod.ports and allowed(policies, p, pod, "metrics")}
+        assert got == (scrapers if "worker" in pod.name else set())
         assert not any(allowed(policies, p, pod, 8080) for p in everyone)
     # the calls the platform makes go out unrestricted from its callers (the Kubernetes API, OTLP, ...)
     assert allowed(policies, orchestrator, INTERNET, 443) and allowed(policies, gateway, orchestrator, "grpc")
