@@ -347,6 +347,8 @@ async def run_load(address: str, sampler: Sampler, *, sessions: int, duration_s:
     t0 = time.monotonic()
     deadline = t0 + duration_s
     clients = asyncio.gather(*(_client(address, i, seed, media, deadline, stats) for i in range(sessions)))
+    # On SIGINT/SIGTERM asyncio.run cancels the clients while nobody awaits them: retrieve that outcome
+    clients.add_done_callback(lambda f: f.cancelled() or f.exception())
     bound = int((duration_s + TURN_TIMEOUT_S + DRAIN_TIMEOUT_S) / sample_s) + 2
     for _ in range(bound):  # sample until the clients are done (they end at the deadline, bounded)
         samples.append((time.monotonic() - t0, await asyncio.to_thread(sampler.sample)))
