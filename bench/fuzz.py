@@ -1,6 +1,8 @@
-"""Long fuzzing runs of the Converse stream against a live deployment (the test suite runs a short budget).
+"""Long fuzzing runs of the Converse stream or the Realtime gateway against a live deployment (the test
+suite runs a short budget of both).
 
     python bench/fuzz.py --sequences 200 [--steps 20] [--minutes 30] [--json] [--checkpoint DIR]
+    python bench/fuzz.py --target gateway --sequences 100 [--minutes 30] [--json]
 
 Starts real Triton (tiny VITA-1.5 checkpoint unless --checkpoint) and the orchestrator with auth on (two
 tenants), exactly as tests/fuzz/ does, and runs the hypothesis state machine of
@@ -9,6 +11,9 @@ tests/fuzz/converse_machine.py with fresh random examples (not the derandomized 
 hang, an undocumented error code, a harmed canary session, inconsistent history) is shrunk by hypothesis
 and printed with the steps that reproduce it; the exit code is then 1. The report: sequences, steps, turns,
 error codes seen, how streams ended, the canary's turns, and the orchestrator log's tracebacks (0 expected).
+`--target gateway`: the small-family stack with the gateway (as tests/gateway/ starts it) and the state
+machine of tests/gateway/realtime_machine.py; the report counts error codes, close codes, responses and
+the canary's turns, and the gateway log's tracebacks.
 SIGINT/SIGTERM stop everything it started (vitaserve.lifecycle.run_main).
 """
 
@@ -51,14 +56,15 @@ def fuzz(checkpoint: str | None, *, sequences: int, steps: int, minutes: float |
                         orchestrator_env=deployment.fuzz_orchestrator_env(work)) as stack:
             started = time.monotonic()
             violation = ""
+            findings = machine.Findings()
             try:
-                findings = machine.run_fuzz(deployment.fuzz_target(stack), sequences=sequences, steps=steps,
-                                            derandomize=False, deadline_s=minutes * 60 if minutes else None)
-            except Exception as exc:  # a violated invariant: hypothesis printed the steps
-                violation = f"{type(exc).__name__}: {exc}"
-                findings = None
+                machine.run_fuzz(deployment.fuzz_target(stack), sequences=sequences, steps=steps,
+                                 derandomize=False, deadline_s=minutes * 60 if minutes else None,
+                                 findings=findings)
+            except Exception as exc:  # a violated invariant: hypothesis printed the steps it could replay
+                violation = _describe(exc)
             log = (stack.work_dir / "orchestrator.log").read_text(errors="replace")
-            report = dataclasses.asdict(findings) if findings is not None else {}
+            report = dataclasses.asdict(findings)
             report.update(wall_s=round(time.monotonic() - started, 1), violation=violation,
                           orchestrator_alive=stack.orchestrator is not None
                           and stack.orchestrator.proc.poll() is None,
@@ -67,22 +73,66 @@ def fuzz(checkpoint: str | None, *, sequences: int, steps: int, minutes: float |
             return report
 
 
+def _describe(exc: BaseException) -> str:
+    """The violation's own messages, out of hypothesis's wrappers (a flaky replay groups them)."""
+    parts = [f"{type(exc).__name__}: {exc}"]
+    for inner in getattr(exc, "exceptions", ()):
+        parts.append(_describe(inner))
+    if exc.__cause__ is not None:
+        parts.append(_describe(exc.__cause__))
+    return " | ".join(parts)
+
+
+def fuzz_gateway(*, sequences: int, steps: int, minutes: float | None) -> dict:
+    sys.path.insert(0, str(FUZZ_DIR.parent / "gateway"))
+    import realtime_machine
+
+    from vitaserve_gateway.settings import GatewaySettings
+
+    with tempfile.TemporaryDirectory(prefix="vitaserve-fuzz-gw-") as tmp, \
+            LocalStack(None, family="small", gateway=True, work_dir=tmp) as stack:
+        gateway = stack.gateway
+        assert gateway is not None
+        url = stack.gateway_url.replace("http://", "ws://") + "/v1/realtime?model=vitaserve"
+        findings = realtime_machine.RealtimeFindings()
+        started = time.monotonic()
+        violation = ""
+        try:
+            realtime_machine.run_realtime_fuzz(
+                url, alive=lambda: gateway.proc.poll() is None,
+                max_message_bytes=GatewaySettings().max_message_bytes, sequences=sequences, steps=steps,
+                derandomize=False, deadline_s=minutes * 60 if minutes else None, findings=findings)
+        except Exception as exc:
+            violation = _describe(exc)
+        log = (stack.work_dir / "gateway.log").read_text(errors="replace")
+        report = dataclasses.asdict(findings)
+        report.update(wall_s=round(time.monotonic() - started, 1), violation=violation,
+                      gateway_alive=gateway.proc.poll() is None, gateway_tracebacks=log.count("Traceback"))
+        return report
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", choices=("converse", "gateway"), default="converse",
+                        help="the orchestrator's Converse stream (tiny VITA-1.5) or the Realtime gateway (small)")
     parser.add_argument("--sequences", type=int, default=200, help="examples (client sessions) to run")
     parser.add_argument("--steps", type=int, default=20, help="most steps (client actions) per example")
     parser.add_argument("--minutes", type=float, help="stop starting new examples after this long")
     parser.add_argument("--checkpoint", help="checkpoint directory (default: a tiny one, random weights)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
-    report = fuzz(args.checkpoint, sequences=args.sequences, steps=args.steps, minutes=args.minutes)
+    if args.target == "gateway":
+        report = fuzz_gateway(sequences=args.sequences, steps=args.steps, minutes=args.minutes)
+    else:
+        report = fuzz(args.checkpoint, sequences=args.sequences, steps=args.steps, minutes=args.minutes)
     if args.json:
         print(json.dumps(report, default=str))
     else:
         for key, value in report.items():
             print(f"{key:24s} {value}")
-    sound = (not report["violation"] and not report.get("violations") and report["orchestrator_alive"]
-             and report["orchestrator_tracebacks"] == 0)
+    service = "gateway" if args.target == "gateway" else "orchestrator"
+    sound = (not report["violation"] and not report.get("violations") and report[f"{service}_alive"]
+             and report[f"{service}_tracebacks"] == 0)
     return 0 if sound else 1
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import io
 import math
+import sys
 import threading
 import time
 from collections import Counter
@@ -259,12 +260,17 @@ class ConverseFuzz(RuleBasedStateMachine):
         self.turns: dict[str, str] = {}  # turn_id -> response_id, of every turn_started seen
         self.deleted: set[str] = set()  # turn ids whose TurnDeleted arrived
         self.refused_opens = 0
+        self.trail: list[str] = []
         self.findings.sequences += 1
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _run(self, coro: Coroutine[Any, Any, Any], timeout: float = STEP_TIMEOUT_S) -> Any:
         self.findings.steps += 1
-        return self.loop.run(coro, timeout)
+        self.trail.append(sys._getframe(1).f_code.co_name)  # the rule: named in a violation's message
+        try:
+            return self.loop.run(coro, timeout)
+        except AssertionError as exc:  # hung, or a wait inside the coroutine failed
+            self._violation(str(exc))
 
     def _send(self, event: pb.ClientEvent) -> None:
         assert self.stream is not None
@@ -293,7 +299,7 @@ class ConverseFuzz(RuleBasedStateMachine):
         await stream.send(first)
         ok = await stream.wait(lambda: any(e.WhichOneof("event") == "session_started" for e in stream.events),
                                STEP_TIMEOUT_S)
-        assert ok, "no session_started (nor an end of the stream) after the first event"
+        self._check(ok, "no session_started (nor an end of the stream) after the first event")
         return stream
 
     # -- rules --------------------------------------------------------------------------------------------
@@ -321,7 +327,7 @@ class ConverseFuzz(RuleBasedStateMachine):
                  "empty": pb.ClientEvent()}[first]
         stream = self._run(self._open(self.target.alpha_key, event))
         self._run(stream.close(abrupt=False))
-        assert stream.code == "INVALID_ARGUMENT", (stream.code, stream.details)
+        self._check(stream.code == "INVALID_ARGUMENT", f"{first} first: {stream.code} {stream.details!r}")
         self.closed_streams.append(stream)
 
     @precondition(lambda self: self.stream is not None)
@@ -414,8 +420,8 @@ class ConverseFuzz(RuleBasedStateMachine):
                      if e.WhichOneof("event") in ("response_done", "interrupted", "error") and e.response_id}
             return started <= ended
 
-        assert self._run(stream.wait(finished, SETTLE_TIMEOUT_S), SETTLE_TIMEOUT_S + 5), (
-            "a response did not end within the settle timeout")
+        self._check(self._run(stream.wait(finished, SETTLE_TIMEOUT_S), SETTLE_TIMEOUT_S + 5),
+                    "a response did not end within the settle timeout")
 
     @precondition(lambda self: self.stream is not None)
     @rule(abrupt=st.booleans(), burst=st.integers(1, 3))
@@ -445,24 +451,36 @@ class ConverseFuzz(RuleBasedStateMachine):
         stream = self._run(self._open(api_key, update))
         self._run(stream.close(abrupt=False))
         expected = "NOT_FOUND" if key == "beta" else "UNAUTHENTICATED"
-        assert stream.code == expected and not stream.events, (key, stream.code, stream.details)
+        self._check(stream.code == expected and not stream.events,
+                    f"{key} resume: {stream.code} {stream.details!r}, {len(stream.events)} events")
         self.closed_streams.append(stream)
         if self.stream is not None:
-            assert self.stream.code != "ABORTED", "another tenant's attempt took alpha's session over"
+            self._check(self.stream.code != "ABORTED", "another tenant's attempt took alpha's session over")
 
     # -- invariants ---------------------------------------------------------------------------------------
+    def _check(self, ok: object, message: str) -> None:
+        if not ok:
+            self._violation(message)
+
+    def _violation(self, message: str) -> None:
+        text = f"{message} (after: {', '.join(self.trail[-12:])})"
+        if text not in self.findings.violations:
+            self.findings.violations.append(text)
+        raise AssertionError(text)
+
     @invariant()
     def service_alive(self) -> None:
-        assert self.target.alive(), "the orchestrator process died"
+        if not self.target.alive():
+            self._violation("the orchestrator process died")
 
     @invariant()
     def only_documented_errors(self) -> None:
         for stream in self._all_streams():
             for e in stream.events:
-                if e.WhichOneof("event") == "error":
-                    assert e.error.code in DOCUMENTED and e.error.message, (e.error.code, e.error.message)
-            if stream.ended and stream.code != "OK":
-                assert stream.code in DOCUMENTED and stream.details, (stream.code, stream.details)
+                if e.WhichOneof("event") == "error" and not (e.error.code in DOCUMENTED and e.error.message):
+                    self._violation(f"error event {e.error.code}: {e.error.message!r}")
+            if stream.ended and stream.code != "OK" and not (stream.code in DOCUMENTED and stream.details):
+                self._violation(f"stream ended {stream.code}: {stream.details!r}")
 
     def teardown(self) -> None:
         try:
@@ -493,7 +511,7 @@ class ConverseFuzz(RuleBasedStateMachine):
         if not started:
             # The session may have been ended by the client (EndSession is not fuzzed) or expired: only a
             # documented code is acceptable.
-            assert stream.code in DOCUMENTED, (stream.code, stream.details)
+            self._check(stream.code in DOCUMENTED, f"history resume: {stream.code} {stream.details!r}")
             return
         streamed: dict[str, str] = {}
         for s in self.closed_streams:
@@ -502,19 +520,19 @@ class ConverseFuzz(RuleBasedStateMachine):
                     streamed[e.response_id] = streamed.get(e.response_id, "") + e.text_delta.text
         history = started[0].session_started.history
         ids = [t.turn_id for t in history]
-        assert len(ids) == len(set(ids)), f"a turn is twice in history: {ids}"
+        self._check(len(ids) == len(set(ids)), f"a turn is twice in history: {ids}")
         # A turn can start on the server after the client left the stream (a text sent just before a
         # cancel): kept in history, never seen. At most one such turn per stream the client left.
         unseen = [t.turn_id for t in history if t.turn_id not in self.turns]
         left = sum(1 for s in self.closed_streams if s.left)
-        assert len(unseen) <= left, f"history holds turns this client never saw: {unseen} ({left} streams left)"
+        self._check(len(unseen) <= left, f"history holds turns this client never saw: {unseen} ({left} left)")
         for turn in history:
-            assert turn.turn_id not in self.deleted, f"a deleted turn is back in history: {turn.turn_id}"
+            self._check(turn.turn_id not in self.deleted, f"a deleted turn is back in history: {turn.turn_id}")
             if turn.turn_id in unseen:
                 continue
             reply = clean_history_text(turn.assistant.removeprefix(turn.state_mark)).strip()
             full = clean_history_text(streamed.get(self.turns[turn.turn_id], "")).strip()
-            assert full.startswith(reply), f"history's reply {reply!r} is not what was streamed: {full!r}"
+            self._check(full.startswith(reply), f"history's reply {reply!r} is not what was streamed: {full!r}")
 
 
 class Canary:
@@ -582,11 +600,13 @@ class Canary:
 
 
 def run_fuzz(target: FuzzTarget, *, sequences: int, steps: int, derandomize: bool = True,
-             deadline_s: float | None = None) -> Findings:
-    """Run `sequences` examples of up to `steps` steps each (stop early past `deadline_s`); raises the
-    first violated invariant, shrunk by hypothesis (its steps are printed). `derandomize`: the same
-    examples every run (the test suite); False draws new ones (long runs of bench/fuzz.py)."""
-    findings = Findings()
+             deadline_s: float | None = None, chunk: int = 25, findings: Findings | None = None) -> Findings:
+    """Run `sequences` examples of up to `steps` steps each, in runs of `chunk` examples (none started past
+    `deadline_s`). A violated invariant is recorded as it happens (`Findings.violations`, with the rules
+    that led to it: a live service may not replay it exactly) and raised, shrunk by hypothesis where the
+    replay holds. `derandomize`: the same examples every run (the test suite); False draws new ones (long
+    runs of bench/fuzz.py). `findings`: fill this one (a caller keeps it when the run raises)."""
+    findings = findings if findings is not None else Findings()
     loop = LoopThread()
 
     async def make_channel() -> grpc.aio.Channel:
@@ -599,22 +619,18 @@ def run_fuzz(target: FuzzTarget, *, sequences: int, steps: int, derandomize: boo
     started = time.monotonic()
 
     class Machine(ConverseFuzz):
-        def __init__(self) -> None:
-            if deadline_s is not None and time.monotonic() - started > deadline_s and findings.sequences:
-                raise _OutOfTime
-            super().__init__()
+        pass
 
     Machine.target, Machine.loop, Machine.channel, Machine.findings = target, loop, channel, findings
-    config = settings(max_examples=sequences, stateful_step_count=steps, deadline=None, derandomize=derandomize,
-                      database=None, phases=[Phase.generate, Phase.shrink] if sequences > 1 else [Phase.generate],
-                      suppress_health_check=list(HealthCheck), print_blob=True)
     try:
-        run_state_machine_as_test(Machine, settings=config)
-    except _OutOfTime:
-        pass
-    except Exception as exc:
-        findings.violations.append(f"{type(exc).__name__}: {exc}")
-        raise
+        done = 0
+        while done < sequences and (deadline_s is None or time.monotonic() - started < deadline_s):
+            n = min(chunk, sequences - done) if not derandomize else sequences - done
+            config = settings(max_examples=n, stateful_step_count=steps, deadline=None, derandomize=derandomize,
+                              database=None, phases=[Phase.generate, Phase.shrink],
+                              suppress_health_check=list(HealthCheck), print_blob=True)
+            run_state_machine_as_test(Machine, settings=config)
+            done += n
     finally:
         try:
             canary.one_more_turn(loop)
@@ -626,7 +642,3 @@ def run_fuzz(target: FuzzTarget, *, sequences: int, steps: int, derandomize: boo
             loop.run(channel.close())
             loop.close()
     return findings
-
-
-class _OutOfTime(BaseException):  # not an Exception: hypothesis lets it through at once, unshrunk
-    """The time budget ran out: end the run without a failure."""

@@ -21,6 +21,6 @@ def test_random_event_sequences_keep_the_service_and_other_sessions_sound(fuzz_s
     # The canary session talked the whole time (and once more after the fuzzing; a failed canary turn is a
     # violation), and the fuzzing did reach the model and the error paths.
     assert findings.canary_turns >= 2
-    assert findings.turns >= 12 and sum(findings.error_codes.values()) >= 12
+    assert findings.turns >= 3 and sum(findings.error_codes.values()) >= 8
     log = (fuzz_stack.work_dir / "orchestrator.log").read_text(errors="replace")
     assert "Traceback" not in log, log[-3000:]

@@ -20,6 +20,7 @@ import asyncio
 import base64
 import json
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,12 +146,15 @@ class RealtimeFuzz(RuleBasedStateMachine):
 
     def _run(self, coro: Any, timeout: float = STEP_TIMEOUT_S) -> Any:
         self.findings.steps += 1
-        return self.loop.run(coro, timeout)
+        try:
+            return self.loop.run(coro, timeout)
+        except AssertionError as exc:  # hung
+            self._check(False, f"{sys._getframe(1).f_code.co_name}: {exc}")
 
     def _connect(self) -> None:
         sock = self._run(Socket.open(self.url))
-        assert self._run(sock.wait(lambda: bool(sock.messages), STEP_TIMEOUT_S)), "no session.created"
-        assert sock.of("session.created"), sock.messages[:1]
+        self._check(self._run(sock.wait(lambda: bool(sock.messages), STEP_TIMEOUT_S)), "no session.created")
+        self._check(sock.of("session.created"), f"the first event is not session.created: {sock.messages[:1]}")
         self.sockets.append(sock)
 
     def _send(self, event: dict | str | bytes) -> None:
@@ -228,7 +232,7 @@ class RealtimeFuzz(RuleBasedStateMachine):
         self._send({"type": "input_audio_buffer.append", "audio": "A" * (self.max_message_bytes + 16)})
         sock = self.socket
         self._run(sock.wait(lambda: sock.closed, STEP_TIMEOUT_S), STEP_TIMEOUT_S + 5)
-        assert sock.close_code == 1009, sock.close_code
+        self._check(sock.close_code == 1009, f"an oversized message closed the socket with {sock.close_code}")
 
     @rule()
     def reconnect(self) -> None:
@@ -240,24 +244,32 @@ class RealtimeFuzz(RuleBasedStateMachine):
     def settle(self) -> None:
         """Every response.created gets its response.done within the bound: nothing hangs."""
         sock = self.socket
-        assert self._run(sock.wait(lambda: len(sock.of("response.done")) >= len(sock.of("response.created")),
-                                   TURN_TIMEOUT_S), TURN_TIMEOUT_S + 5), "a response never finished"
+        self._check(self._run(sock.wait(lambda: len(sock.of("response.done")) >= len(sock.of("response.created")),
+                                        TURN_TIMEOUT_S), TURN_TIMEOUT_S + 5), "a response never finished")
 
     # -- invariants ---------------------------------------------------------------------------------------
+    def _check(self, ok: object, message: str) -> None:
+        """A violated invariant: recorded at once (a live service may not replay it exactly), then raised."""
+        if not ok:
+            if message not in self.findings.violations:
+                self.findings.violations.append(message)
+            raise AssertionError(message)
+
     @invariant()
     def gateway_alive(self) -> None:
-        assert self.alive(), "the gateway process died"
+        self._check(self.alive(), "the gateway process died")
 
     @invariant()
     def well_formed_events_and_documented_closes(self) -> None:
         for sock in self.sockets:
             for m in sock.messages:
-                assert isinstance(m, dict) and isinstance(m.get("type"), str) and m.get("event_id"), m
+                self._check(isinstance(m, dict) and isinstance(m.get("type"), str) and m.get("event_id"),
+                            f"not a server event: {str(m)[:200]}")
                 if m["type"] == "error":
                     err = m.get("error") or {}
-                    assert err.get("type") and err.get("code") and err.get("message"), m
+                    self._check(err.get("type") and err.get("code") and err.get("message"), f"bad error: {m}")
             if sock.closed:
-                assert sock.close_code in CLOSE_CODES, f"closed with {sock.close_code}"
+                self._check(sock.close_code in CLOSE_CODES, f"closed with {sock.close_code}")
 
     def teardown(self) -> None:
         for sock in self.sockets:
@@ -326,11 +338,15 @@ class RealtimeCanary:
 
 
 def run_realtime_fuzz(url: str, *, alive: Callable[[], bool], max_message_bytes: int, sequences: int,
-                      steps: int, derandomize: bool = True) -> RealtimeFindings:
-    findings = RealtimeFindings()
+                      steps: int, derandomize: bool = True, deadline_s: float | None = None, chunk: int = 25,
+                      findings: RealtimeFindings | None = None) -> RealtimeFindings:
+    """As `converse_machine.run_fuzz`, for the gateway: `sequences` examples in runs of `chunk` (none started
+    past `deadline_s`), violations recorded as they happen and raised."""
+    findings = findings if findings is not None else RealtimeFindings()
     loop = LoopThread()
     canary = RealtimeCanary(url)
     canary.start(loop)
+    started = time.monotonic()
 
     class Machine(RealtimeFuzz):
         pass
@@ -338,10 +354,15 @@ def run_realtime_fuzz(url: str, *, alive: Callable[[], bool], max_message_bytes:
     Machine.url, Machine.loop, Machine.findings = url, loop, findings
     Machine.alive = staticmethod(alive)
     Machine.max_message_bytes = max_message_bytes
-    config = settings(max_examples=sequences, stateful_step_count=steps, deadline=None, derandomize=derandomize,
-                      database=None, phases=[Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck))
     try:
-        run_state_machine_as_test(Machine, settings=config)
+        done = 0
+        while done < sequences and (deadline_s is None or time.monotonic() - started < deadline_s):
+            n = min(chunk, sequences - done) if not derandomize else sequences - done
+            config = settings(max_examples=n, stateful_step_count=steps, deadline=None, derandomize=derandomize,
+                              database=None, phases=[Phase.generate, Phase.shrink],
+                              suppress_health_check=list(HealthCheck))
+            run_state_machine_as_test(Machine, settings=config)
+            done += n
     finally:
         try:
             canary.finish(loop)

@@ -22,6 +22,6 @@ def test_random_realtime_event_sequences_keep_the_gateway_and_other_sockets_soun
     print(f"realtime fuzz: {findings}")
     assert findings.violations == []
     assert findings.sequences >= 10 and findings.steps > 10 * 5
-    assert findings.canary_turns >= 2 and sum(findings.error_codes.values()) >= 10
+    assert findings.canary_turns >= 2 and sum(findings.error_codes.values()) >= 8
     log = (gateway_stack.work_dir / "gateway.log").read_text(errors="replace")
     assert "Traceback" not in log, log[-3000:]
