@@ -20,7 +20,6 @@ SIGINT/SIGTERM stop everything it started (vitaserve.lifecycle.run_main).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import sys
@@ -64,13 +63,18 @@ def fuzz(checkpoint: str | None, *, sequences: int, steps: int, minutes: float |
             except Exception as exc:  # a violated invariant: hypothesis printed the steps it could replay
                 violation = _describe(exc)
             log = (stack.work_dir / "orchestrator.log").read_text(errors="replace")
-            report = dataclasses.asdict(findings)
+            report = _plain(findings)
             report.update(wall_s=round(time.monotonic() - started, 1), violation=violation,
                           orchestrator_alive=stack.orchestrator is not None
                           and stack.orchestrator.proc.poll() is None,
                           orchestrator_tracebacks=log.count("Traceback"))
             report.pop("canary_turn_s", None)
             return report
+
+
+def _plain(findings: object) -> dict:
+    """The findings as JSON-able values (dataclasses.asdict would turn a Counter's items into keys)."""
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in vars(findings).items()}
 
 
 def _describe(exc: BaseException) -> str:
@@ -105,7 +109,7 @@ def fuzz_gateway(*, sequences: int, steps: int, minutes: float | None) -> dict:
         except Exception as exc:
             violation = _describe(exc)
         log = (stack.work_dir / "gateway.log").read_text(errors="replace")
-        report = dataclasses.asdict(findings)
+        report = _plain(findings)
         report.update(wall_s=round(time.monotonic() - started, 1), violation=violation,
                       gateway_alive=gateway.proc.poll() is None, gateway_tracebacks=log.count("Traceback"))
         return report
