@@ -1,12 +1,14 @@
 """Shared fixtures: paths of the golden data copied into the repository; and, under `make test`
 (VITASERVE_FAIL_ON_SKIP=1), a skipped test counts as failed: `make test` installs everything the suite
-needs (redis-server, chromium, the vLLM venv), so a skip there means a missing piece, never a pass."""
+needs (redis-server, chromium, the vLLM venv), so a skip there means a missing piece, never a pass.
+A SIGTERM to the test run is a KeyboardInterrupt (as SIGINT is), so pytest still tears down its fixtures
+and every server a fixture started (Triton, Redis, orchestrators, workers) is stopped by pid."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import os
+import signal
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +27,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from vitaserve.models.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", golden=TINY_GOLDEN)
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 @pytest.hookimpl(hookwrapper=True)
