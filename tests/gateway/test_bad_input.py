@@ -70,6 +70,12 @@ def test_garbage_unknown_and_malformed_events_get_errors_and_the_connection_goes
                     "type": "realtime", "output_modalities": ["text", "audio"]}})),
                 await raw_error(ws, json.dumps({"type": "session.update", "session": {
                     "type": "realtime", "instructions": "x" * 100_000}})),
+                # found by tests/gateway/realtime_machine.py: these used to drop the connection (1006)
+                await raw_error(ws, json.dumps({"type": "session.update", "session": {
+                    "type": "realtime", "max_output_tokens": -1}})),
+                await raw_error(ws, json.dumps({"type": "session.update", "session": {
+                    "type": "realtime", "audio": {"input": {"turn_detection": {
+                        "type": "server_vad", "silence_duration_ms": -5}}}}})),
             ]
             # still usable: a valid update is applied
             await ws.send(json.dumps({"type": "session.update", "session": {
@@ -91,6 +97,8 @@ def test_garbage_unknown_and_malformed_events_get_errors_and_the_connection_goes
     assert "semantic_vad" in errors[9]["message"]
     assert errors[10]["param"] == "session.output_modalities"
     assert "system_prompt" in errors[11]["message"] or "instructions" in errors[11]["message"]
+    assert errors[12]["param"] == "session.max_output_tokens" and "-1" in errors[12]["message"]
+    assert errors[13]["param"] == "session.audio.input.turn_detection.silence_duration_ms"
     assert updated["session"]["output_modalities"] == ["text"]
 
 

@@ -61,6 +61,8 @@ _END = object()
 UPSTREAM_CHUNK_BYTES = 32_000  # 1 s of 16 kHz PCM16 per AudioChunk (the orchestrator takes up to 10 s)
 MAX_BUFFER_S = 120.0  # input audio the gateway keeps a copy of for one turn
 MAX_EVENT_IDS = 1024  # client event ids remembered for the orchestrator's error reports
+MAX_OUTPUT_TOKENS = 4096  # the Realtime protocol's range of max_output_tokens (or "inf")
+MAX_DURATION_MS = 3_600_000  # turn_detection durations (silence, padding, idle): at most an hour
 IMAGE_TILES = {None: 1, "auto": 1, "low": 1, "high": 6}
 
 # grpc status name -> Realtime error type
@@ -308,6 +310,10 @@ class RealtimeSession:
             await handler(event, event_id)
         except ProtocolError as exc:
             await self._send_error(exc.message, code=exc.code, param=exc.param, event_id=event_id)
+        except Exception as exc:  # noqa: BLE001 - a bug must cost this event, never the connection
+            log.exception("%s: handling %s failed", self.session_id, kind)
+            await self._send_error(f"the server could not handle this {kind}: {type(exc).__name__}",
+                                   code="internal_error", type="server_error", event_id=event_id)
 
     async def _on_session_update(self, event: Any, event_id: str | None) -> None:
         session = event.session
@@ -325,7 +331,12 @@ class RealtimeSession:
         if "instructions" in given:
             config.instructions = session.instructions or ""
         if "max_output_tokens" in given and session.max_output_tokens is not None:
-            config.max_output_tokens = session.max_output_tokens
+            tokens = session.max_output_tokens
+            if tokens != "inf" and not (isinstance(tokens, int) and 1 <= tokens <= MAX_OUTPUT_TOKENS):
+                raise ProtocolError(
+                    f"max_output_tokens is an integer in 1..{MAX_OUTPUT_TOKENS} or 'inf', got {tokens!r}",
+                    code="invalid_value", param="session.max_output_tokens")
+            config.max_output_tokens = tokens
         if session.tools:
             raise ProtocolError("tools are not supported by this server", code="invalid_value",
                                 param="session.tools")
@@ -342,6 +353,12 @@ class RealtimeSession:
                     raise ProtocolError(f"turn_detection {td.type!r} is not supported: use 'server_vad' or null",
                                         code="invalid_value", param="session.audio.input.turn_detection.type")
                 else:
+                    for name in ("silence_duration_ms", "prefix_padding_ms", "idle_timeout_ms"):
+                        value = getattr(td, name, None)
+                        if value is not None and not 0 <= value <= MAX_DURATION_MS:
+                            raise ProtocolError(
+                                f"turn_detection.{name} must be in 0..{MAX_DURATION_MS}, got {value}",
+                                code="invalid_value", param=f"session.audio.input.turn_detection.{name}")
                     config.turn_detection = {k: v for k, v in td.model_dump().items() if v is not None}
             if "transcription" in given_in:
                 config.transcription = (audio.input.transcription.model_dump(exclude_none=True)
