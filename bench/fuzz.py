@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -46,7 +47,8 @@ def _fuzz_modules():  # noqa: ANN202 - the test folder's conftest (deployment) a
     return converse_machine, deployment
 
 
-def fuzz(checkpoint: str | None, *, sequences: int, steps: int, minutes: float | None) -> dict:
+def fuzz(checkpoint: str | None, *, sequences: int, steps: int, minutes: float | None,
+         keep_logs: str | None = None) -> dict:
     machine, deployment = _fuzz_modules()
     with tempfile.TemporaryDirectory(prefix="vitaserve-fuzz-") as tmp:
         work = Path(tmp)
@@ -63,6 +65,7 @@ def fuzz(checkpoint: str | None, *, sequences: int, steps: int, minutes: float |
             except Exception as exc:  # a violated invariant: hypothesis printed the steps it could replay
                 violation = _describe(exc)
             log = (stack.work_dir / "orchestrator.log").read_text(errors="replace")
+            _keep_logs(stack.work_dir, keep_logs)
             report = _plain(findings)
             report.update(wall_s=round(time.monotonic() - started, 1), violation=violation,
                           orchestrator_alive=stack.orchestrator is not None
@@ -87,7 +90,15 @@ def _describe(exc: BaseException) -> str:
     return " | ".join(parts)
 
 
-def fuzz_gateway(*, sequences: int, steps: int, minutes: float | None) -> dict:
+def _keep_logs(work_dir: Path, keep: str | None) -> None:
+    """Copy the services' logs out of the run's temporary folder (to read what a violation left there)."""
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        for log in work_dir.glob("*.log"):
+            shutil.copy(log, Path(keep) / log.name)
+
+
+def fuzz_gateway(*, sequences: int, steps: int, minutes: float | None, keep_logs: str | None = None) -> dict:
     sys.path.insert(0, str(FUZZ_DIR.parent / "gateway"))
     import realtime_machine
 
@@ -109,6 +120,7 @@ def fuzz_gateway(*, sequences: int, steps: int, minutes: float | None) -> dict:
         except Exception as exc:
             violation = _describe(exc)
         log = (stack.work_dir / "gateway.log").read_text(errors="replace")
+        _keep_logs(stack.work_dir, keep_logs)
         report = _plain(findings)
         report.update(wall_s=round(time.monotonic() - started, 1), violation=violation,
                       gateway_alive=gateway.proc.poll() is None, gateway_tracebacks=log.count("Traceback"))
@@ -123,12 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="most steps (client actions) per example")
     parser.add_argument("--minutes", type=float, help="stop starting new examples after this long")
     parser.add_argument("--checkpoint", help="checkpoint directory (default: a tiny one, random weights)")
+    parser.add_argument("--keep-logs", metavar="DIR", help="copy the services' logs to DIR at the end")
     parser.add_argument("--json", action="store_true", help="print one JSON line")
     args = parser.parse_args(argv)
     if args.target == "gateway":
-        report = fuzz_gateway(sequences=args.sequences, steps=args.steps, minutes=args.minutes)
+        report = fuzz_gateway(sequences=args.sequences, steps=args.steps, minutes=args.minutes,
+                              keep_logs=args.keep_logs)
     else:
-        report = fuzz(args.checkpoint, sequences=args.sequences, steps=args.steps, minutes=args.minutes)
+        report = fuzz(args.checkpoint, sequences=args.sequences, steps=args.steps, minutes=args.minutes,
+                      keep_logs=args.keep_logs)
     if args.json:
         print(json.dumps(report, default=str))
     else:

@@ -121,7 +121,7 @@ class OrchestratorProcess(ServiceProcess):
 
     module = "vitaserve_orchestrator"
 
-    def __init__(self, env: dict[str, str], *, log_path: Path, startup_timeout_s: float = 60.0,
+    def __init__(self, env: dict[str, str], *, log_path: Path, startup_timeout_s: float = 180.0,
                  wait_ready: bool = True) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -161,7 +161,7 @@ class GatewayProcess(ServiceProcess):
     stop_timeout_s = 10.0
 
     def __init__(self, orchestrator_address: str, *, log_path: Path, env: dict[str, str] | None = None,
-                 startup_timeout_s: float = 30.0, port: int | None = None, host: str = "127.0.0.1") -> None:
+                 startup_timeout_s: float = 90.0, port: int | None = None, host: str = "127.0.0.1") -> None:
         self.port = port or free_port()
         self.url = f"http://{host}:{self.port}"
         super().__init__({**os.environ, **(env or {}), "VITASERVE_GATEWAY_HOST": host,

@@ -270,7 +270,7 @@ class TritonServer:
         address: str = "127.0.0.1",
         python_executable: str = sys.executable,
         log_path: str | os.PathLike[str] | None = None,
-        startup_timeout: float = 120.0,
+        startup_timeout: float = 300.0,
         exit_timeout: int = 10,
         extra_args: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
