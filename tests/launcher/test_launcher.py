@@ -212,7 +212,8 @@ def test_models_subset_loads_only_named_and_stop_cleans_up(tmp_path: Path) -> No
 
 
 def test_broken_model_fails_start_with_log_tail() -> None:
-    srv = TritonServer(BROKEN_REPOSITORY, startup_timeout=60)
+    # The model's failure ends the start at once; the bound only matters on a busy machine.
+    srv = TritonServer(BROKEN_REPOSITORY, startup_timeout=300)
     with pytest.raises(TritonLaunchError) as caught:
         srv.start()
     message = str(caught.value)
