@@ -130,7 +130,8 @@ def fuzz_gateway(*, sequences: int, steps: int, minutes: float | None, keep_logs
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--target", choices=("converse", "gateway"), default="converse",
-                        help="the orchestrator's Converse stream (tiny VITA-1.5) or the Realtime gateway (small)")
+                        help="the orchestrator's Converse stream (tiny VITA-1.5) or the Realtime gateway "
+                        "(small family)")
     parser.add_argument("--sequences", type=int, default=200, help="examples (client sessions) to run")
     parser.add_argument("--steps", type=int, default=20, help="most steps (client actions) per example")
     parser.add_argument("--minutes", type=float, help="stop starting new examples after this long")

@@ -44,4 +44,5 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # noqa
     if report.skipped and os.environ.get("VITASERVE_FAIL_ON_SKIP") == "1":
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
-        report.longrepr = f"skipped under VITASERVE_FAIL_ON_SKIP=1 (make test installs what tests need): {reason}"
+        report.longrepr = (f"skipped under VITASERVE_FAIL_ON_SKIP=1 (make test installs what tests need): "
+                           f"{reason}")

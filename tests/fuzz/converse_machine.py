@@ -37,7 +37,13 @@ import grpc
 import hypothesis.strategies as st
 import numpy as np
 from hypothesis import HealthCheck, Phase, settings
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 from PIL import Image
 
 from vitaserve.api.v1 import orchestrator_pb2 as pb
@@ -200,9 +206,10 @@ rates = st.sampled_from([16000, 16000, 16000, 0, 8000, 44100, 4294967295])
 barge_in = st.one_of(
     st.none(),
     st.builds(
-        lambda en, th, ms, mode, rs: pb.BargeInSettings(enabled=en, threshold=th, min_speech_ms=ms, in_flight=mode,
-                                                        resume_silence_ms=rs),
-        st.booleans(), floats32, st.integers(0, 4294967295), st.sampled_from(["", "pause", "continue", "bogus"]),
+        lambda en, th, ms, mode, rs: pb.BargeInSettings(enabled=en, threshold=th, min_speech_ms=ms,
+                                                        in_flight=mode, resume_silence_ms=rs),
+        st.booleans(), floats32, st.integers(0, 4294967295),
+        st.sampled_from(["", "pause", "continue", "bogus"]),
         st.integers(0, 100000),
     ),
 )
@@ -307,8 +314,8 @@ class ConverseFuzz(RuleBasedStateMachine):
     @rule(s=session_settings(), resume=st.booleans())
     def open_stream(self, s: pb.SessionSettings, resume: bool) -> None:
         sid = self.session_id if resume else ""
-        stream = self._run(self._open(self.target.alpha_key,
-                                      pb.ClientEvent(session_update=pb.SessionUpdate(session_id=sid, settings=s))))
+        update = pb.ClientEvent(session_update=pb.SessionUpdate(session_id=sid, settings=s))
+        stream = self._run(self._open(self.target.alpha_key, update))
         self.stream = stream
         started = [e for e in stream.events if e.WhichOneof("event") == "session_started"]
         if started:
@@ -341,7 +348,8 @@ class ConverseFuzz(RuleBasedStateMachine):
         """What a client mostly does: a question, with a picture now and then, committed now or later."""
         if image:
             self._send(pb.ClientEvent(event_id="talk-image", image=pb.Image(data=VALID_PNG)))
-        self._send(pb.ClientEvent(event_id="talk", text=pb.TextInput(text="What do you see?", defer_commit=defer)))
+        question = pb.TextInput(text="What do you see?", defer_commit=defer)
+        self._send(pb.ClientEvent(event_id="talk", text=question))
         if defer:
             self._send(pb.ClientEvent(event_id="talk-commit", commit=pb.Commit()))
 
@@ -375,7 +383,8 @@ class ConverseFuzz(RuleBasedStateMachine):
     @rule(which=st.sampled_from(["known", "random", ""]), played=st.integers(0, 4294967295))
     def playback(self, which: str, played: int) -> None:
         rid = {"": "", "known": self._known_responses()[-1], "random": "resp-x"}[which]
-        self._send(pb.ClientEvent(event_id="playback", playback=pb.PlaybackPosition(response_id=rid, played_ms=played)))
+        position = pb.PlaybackPosition(response_id=rid, played_ms=played)
+        self._send(pb.ClientEvent(event_id="playback", playback=position))
 
     @precondition(lambda self: self.stream is not None)
     @rule()
@@ -527,12 +536,14 @@ class ConverseFuzz(RuleBasedStateMachine):
         left = sum(1 for s in self.closed_streams if s.left)
         self._check(len(unseen) <= left, f"history holds turns this client never saw: {unseen} ({left} left)")
         for turn in history:
-            self._check(turn.turn_id not in self.deleted, f"a deleted turn is back in history: {turn.turn_id}")
+            self._check(turn.turn_id not in self.deleted,
+                        f"a deleted turn is back in history: {turn.turn_id}")
             if turn.turn_id in unseen:
                 continue
             reply = clean_history_text(turn.assistant.removeprefix(turn.state_mark)).strip()
             full = clean_history_text(streamed.get(self.turns[turn.turn_id], "")).strip()
-            self._check(full.startswith(reply), f"history's reply {reply!r} is not what was streamed: {full!r}")
+            self._check(full.startswith(reply),
+                        f"history's reply {reply!r} is not what was streamed: {full!r}")
 
 
 class Canary:
@@ -585,7 +596,8 @@ class Canary:
         target = self.turns + 1
 
         async def wait() -> None:
-            while self.turns < target and not self.failures and self._task is not None and not self._task.done():
+            while (self.turns < target and not self.failures and self._task is not None
+                   and not self._task.done()):
                 await asyncio.sleep(0.05)
         loop.run(wait(), SETTLE_TIMEOUT_S + 5)
         if self.turns < target and not self.failures:
@@ -626,8 +638,8 @@ def run_fuzz(target: FuzzTarget, *, sequences: int, steps: int, derandomize: boo
         done = 0
         while done < sequences and (deadline_s is None or time.monotonic() - started < deadline_s):
             n = min(chunk, sequences - done) if not derandomize else sequences - done
-            config = settings(max_examples=n, stateful_step_count=steps, deadline=None, derandomize=derandomize,
-                              database=None, phases=[Phase.generate, Phase.shrink],
+            config = settings(max_examples=n, stateful_step_count=steps, deadline=None,
+                              derandomize=derandomize, database=None, phases=[Phase.generate, Phase.shrink],
                               suppress_health_check=list(HealthCheck), print_blob=True)
             run_state_machine_as_test(Machine, settings=config)
             done += n

@@ -29,7 +29,13 @@ from typing import Any
 import hypothesis.strategies as st
 import websockets
 from hypothesis import HealthCheck, Phase, settings
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "fuzz"))
 from converse_machine import STEP_TIMEOUT_S, VALID_PNG, LoopThread  # noqa: E402
@@ -37,7 +43,8 @@ from converse_machine import STEP_TIMEOUT_S, VALID_PNG, LoopThread  # noqa: E402
 CLOSE_CODES = {1000, 1008, 1009, 1012, 1013}
 CLIENT_TYPES = ["session.update", "input_audio_buffer.append", "input_audio_buffer.commit",
                 "input_audio_buffer.clear", "conversation.item.create", "conversation.item.retrieve",
-                "conversation.item.truncate", "conversation.item.delete", "response.create", "response.cancel",
+                "conversation.item.truncate", "conversation.item.delete", "response.create",
+                "response.cancel",
                 "output_audio_buffer.clear", "transcription_session.update", "response.explode"]
 TURN_TIMEOUT_S = 90.0
 
@@ -54,8 +61,10 @@ class RealtimeFindings:
 
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False) | st.text(max_size=12),
-    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=8), children, max_size=3),
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
+    | st.text(max_size=12),
+    lambda children: st.lists(children, max_size=3)
+    | st.dictionaries(st.text(max_size=8), children, max_size=3),
     max_leaves=6,
 )
 item_ids = st.sampled_from(["known", "item_missing", "", None])
@@ -154,7 +163,8 @@ class RealtimeFuzz(RuleBasedStateMachine):
     def _connect(self) -> None:
         sock = self._run(Socket.open(self.url))
         self._check(self._run(sock.wait(lambda: bool(sock.messages), STEP_TIMEOUT_S)), "no session.created")
-        self._check(sock.of("session.created"), f"the first event is not session.created: {sock.messages[:1]}")
+        self._check(sock.of("session.created"),
+                    f"the first event is not session.created: {sock.messages[:1]}")
         self.sockets.append(sock)
 
     def _send(self, event: dict | str | bytes) -> None:
@@ -207,7 +217,8 @@ class RealtimeFuzz(RuleBasedStateMachine):
     @rule(which=item_ids, end=st.integers(-5, 10**7))
     def truncate_or_delete(self, which: str | None, end: int) -> None:
         item = self._known_item() if which == "known" else which
-        self._send({"type": "conversation.item.truncate", "item_id": item, "content_index": 0, "audio_end_ms": end})
+        self._send({"type": "conversation.item.truncate", "item_id": item, "content_index": 0,
+                    "audio_end_ms": end})
         self._send({"type": "conversation.item.delete", "item_id": item})
 
     @precondition(lambda self: not self.socket.closed)
@@ -244,8 +255,12 @@ class RealtimeFuzz(RuleBasedStateMachine):
     def settle(self) -> None:
         """Every response.created gets its response.done within the bound: nothing hangs."""
         sock = self.socket
-        self._check(self._run(sock.wait(lambda: len(sock.of("response.done")) >= len(sock.of("response.created")),
-                                        TURN_TIMEOUT_S), TURN_TIMEOUT_S + 5), "a response never finished")
+
+        def finished() -> bool:
+            return len(sock.of("response.done")) >= len(sock.of("response.created"))
+
+        self._check(self._run(sock.wait(finished, TURN_TIMEOUT_S), TURN_TIMEOUT_S + 5),
+                    "a response never finished")
 
     # -- invariants ---------------------------------------------------------------------------------------
     def _check(self, ok: object, message: str) -> None:
@@ -302,7 +317,8 @@ class RealtimeCanary:
             while not self._stop.is_set():
                 n = len(sock.of("response.done"))
                 await sock.send(json.dumps({"type": "conversation.item.create", "item": {
-                    "type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hello?"}]}}))
+                    "type": "message", "role": "user",
+                    "content": [{"type": "input_text", "text": "Hello?"}]}}))
                 await sock.send(json.dumps({"type": "response.create"}))
                 await sock.wait(lambda: len(sock.of("response.done")) > n, TURN_TIMEOUT_S)
                 done = sock.of("response.done")[n:]
@@ -358,8 +374,8 @@ def run_realtime_fuzz(url: str, *, alive: Callable[[], bool], max_message_bytes:
         done = 0
         while done < sequences and (deadline_s is None or time.monotonic() - started < deadline_s):
             n = min(chunk, sequences - done) if not derandomize else sequences - done
-            config = settings(max_examples=n, stateful_step_count=steps, deadline=None, derandomize=derandomize,
-                              database=None, phases=[Phase.generate, Phase.shrink],
+            config = settings(max_examples=n, stateful_step_count=steps, deadline=None,
+                              derandomize=derandomize, database=None, phases=[Phase.generate, Phase.shrink],
                               suppress_health_check=list(HealthCheck))
             run_state_machine_as_test(Machine, settings=config)
             done += n

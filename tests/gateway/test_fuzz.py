@@ -18,7 +18,8 @@ def test_random_realtime_event_sequences_keep_the_gateway_and_other_sockets_soun
     assert gateway is not None
     url = gateway_stack.gateway_url.replace("http://", "ws://") + "/v1/realtime?model=vitaserve"
     findings = run_realtime_fuzz(url, alive=lambda: gateway.proc.poll() is None,
-                                 max_message_bytes=GatewaySettings().max_message_bytes, sequences=10, steps=12)
+                                 max_message_bytes=GatewaySettings().max_message_bytes,
+                                 sequences=10, steps=12)
     print(f"realtime fuzz: {findings}")
     assert findings.violations == []
     assert findings.sequences >= 10 and findings.steps > 10 * 5
